@@ -1,0 +1,307 @@
+"""Builders: spec -> model, optimizer, synthetic batch, loss. The only place that reads specs.
+
+Components take plain arguments; every failure of user code (import, constructor) becomes a
+``BuildError`` carrying the spec path and the original message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autofit.candidate import Candidate
+from autofit.errors import BuildError
+from autofit.spec import ExperimentSpec
+
+INPUT_SIZE_PLACEHOLDER = "${input_size}"
+
+
+def add_spec_dir_to_path(spec: ExperimentSpec) -> None:
+    """Make modules next to the spec file importable, as Hydra does for its config dir."""
+    if spec.source_path:
+        folder = str(Path(spec.source_path).resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+
+
+def import_object(path: str, what: str = "object") -> Any:
+    """Import ``pkg.module.Name`` (also nested attributes ``pkg.mod.Class.method``)."""
+    parts = path.split(".")
+    error: BaseException | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                error = exc
+                continue
+            raise BuildError(f"{what} {path!r}: importing {module_name!r} failed: {exc}") from exc
+        except Exception as exc:  # user module raised at import time
+            raise BuildError(
+                f"{what} {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise BuildError(
+                f"{what} {path!r}: module {module_name!r} has no attribute {'.'.join(parts[cut:])!r}"
+            ) from None
+        return obj
+    raise BuildError(f"{what} {path!r}: no module named {parts[0]!r} ({error})")
+
+
+def _substitute(value: Any, input_size: int) -> Any:
+    if value == INPUT_SIZE_PLACEHOLDER:
+        return input_size
+    if isinstance(value, dict):
+        return {k: _substitute(v, input_size) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, input_size) for v in value]
+    return value
+
+
+def _instantiate(value: Any) -> Any:
+    """Nested ``{_target_: ...}`` mappings in kwargs are built too (Hydra's recursive mode)."""
+    if isinstance(value, dict):
+        built = {k: _instantiate(v) for k, v in value.items() if k != "_target_"}
+        if "_target_" in value:
+            return import_object(value["_target_"], "model.kwargs target")(**built)
+        return built
+    if isinstance(value, list):
+        return [_instantiate(v) for v in value]
+    return value
+
+
+def build_model(spec: ExperimentSpec, input_size: int) -> nn.Module:
+    """Call the model constructor on the current default device (caller sets it)."""
+    add_spec_dir_to_path(spec)
+    factory = import_object(spec.model.target, "model")
+    if not callable(factory):
+        raise BuildError(f"model {spec.model.target!r} is not callable")
+    kwargs = _instantiate(_substitute(spec.model.kwargs, input_size))
+    try:
+        model = factory(**kwargs)
+    except BuildError:
+        raise
+    except TypeError as exc:
+        raise BuildError(f"model {spec.model.target}(**{kwargs}) failed: {exc}") from exc
+    except Exception as exc:
+        raise BuildError(
+            f"model {spec.model.target}(...) raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise BuildError(f"model {spec.model.target!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+class CheckpointedSegment(nn.Module):
+    """Runs a slice of blocks as one activation-checkpointed unit (use_reentrant=False)."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def _run(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        for block in self.blocks:
+            x = block(x, *args, **kwargs)
+        return x
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self._run(x, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
+
+
+class CheckpointedSequential(nn.Module):
+    """``checkpoint_sequential`` over an ``nn.Sequential`` in K segments."""
+
+    def __init__(self, body: nn.Sequential, segments: int) -> None:
+        super().__init__()
+        self.body = body
+        self.segments = segments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.body(x)
+        return torch.utils.checkpoint.checkpoint_sequential(
+            self.body, self.segments, x, use_reentrant=False
+        )
+
+
+def find_blocks(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList to checkpoint: the spec's ``model.blocks`` or the longest ModuleList."""
+    if path:
+        obj: Any = model
+        for part in path.split("."):
+            if not hasattr(obj, part):
+                raise BuildError(f"model.blocks: {type(model).__name__} has no attribute path {path!r}")
+            obj = getattr(obj, part)
+        if not isinstance(obj, nn.ModuleList):
+            raise BuildError(f"model.blocks: {path!r} is a {type(obj).__name__}, not an nn.ModuleList")
+        return path, obj
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise BuildError(
+            f"checkpoint_segments > 0 needs an nn.Sequential model or an nn.ModuleList of blocks; "
+            f"{type(model).__name__} has none (set model.blocks)"
+        )
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def apply_checkpointing(model: nn.Module, segments: int, blocks_path: str | None) -> nn.Module:
+    """Wrap the model so its blocks run as ``segments`` checkpointed segments (0 = no-op)."""
+    if segments <= 0:
+        return model
+    if isinstance(model, nn.Sequential) and not blocks_path:
+        if segments > len(model):
+            raise BuildError(f"checkpoint_segments={segments} exceeds the {len(model)} layers of the model")
+        return CheckpointedSequential(model, segments)
+    name, blocks = find_blocks(model, blocks_path)
+    if segments > len(blocks):
+        raise BuildError(
+            f"checkpoint_segments={segments} exceeds the {len(blocks)} blocks in {name!r}"
+        )
+    per = math.ceil(len(blocks) / segments)
+    # Same split as checkpoint_sequential: contiguous runs of ceil(n / K) blocks.
+    grouped = [CheckpointedSegment(list(blocks)[i:i + per]) for i in range(0, len(blocks), per)]
+    parent: Any = model
+    parts = name.split(".")
+    for part in parts[:-1]:
+        parent = getattr(parent, part)
+    setattr(parent, parts[-1], nn.ModuleList(grouped))
+    return model
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(spec: ExperimentSpec, model: nn.Module, device_type: str) -> torch.optim.Optimizer:
+    """The spec's optimizer; ``foreach`` pinned to what the target device runs by default."""
+    factory = import_object(spec.optimizer.target, "optimizer")
+    kwargs = dict(spec.optimizer.kwargs)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    # torch picks foreach on CUDA and the for-loop on CPU; a fake CPU trace of a CUDA target
+    # must run the CUDA choice, since the two differ in peak (DESIGN.md: 545 vs 641 MiB).
+    if "foreach" in params and "foreach" not in kwargs and "fused" not in kwargs:
+        kwargs["foreach"] = device_type == "cuda"
+    try:
+        return factory(model.parameters(), **kwargs)
+    except Exception as exc:
+        raise BuildError(
+            f"optimizer {spec.optimizer.target}(**{spec.optimizer.kwargs}) raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- data and loss
+
+
+def input_shape(spec: ExperimentSpec, candidate: Candidate) -> tuple[int, ...]:
+    """Shape of one synthetic input batch ``x``."""
+    data = spec.data
+    b = candidate.batch_size
+    if data.kind == "image":
+        h, w = data.size
+        if candidate.input_size and candidate.input_size != spec.default_input_size:
+            # keep the aspect ratio of data.size when searching the resolution
+            w = max(1, round(w * candidate.input_size / h))
+            h = candidate.input_size
+        return (b, data.channels, h, w)  # batch, channels, height, width
+    if data.kind == "tokens":
+        return (b, candidate.input_size or data.seq_len)  # batch, tokens
+    return (b, *data.shape)
+
+
+def make_input(spec: ExperimentSpec, candidate: Candidate, device: torch.device,
+               generator_seed: int = 0) -> torch.Tensor:
+    shape = input_shape(spec, candidate)
+    if spec.data.kind == "tokens":
+        assert spec.data.vocab_size is not None
+        return torch.randint(0, spec.data.vocab_size, shape, device=device)
+    return torch.randn(shape, device=device)
+
+
+def make_target(spec: ExperimentSpec, output_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Targets derived from the model's output shape (see loss_fn for the layout)."""
+    if spec.loss == "cross_entropy":
+        if len(output_shape) < 2:
+            raise BuildError(
+                f"loss cross_entropy needs model outputs of shape (B, classes, ...), got {tuple(output_shape)}"
+            )
+        if spec.data.kind == "tokens":
+            classes, target_shape = output_shape[-1], tuple(output_shape[:-1])  # (B, T) ids
+        else:
+            classes = output_shape[1]
+            target_shape = (output_shape[0], *output_shape[2:])  # (B,) or per pixel (B, H, W)
+        return torch.randint(0, int(classes), target_shape, device=device)
+    return torch.randn(tuple(output_shape), device=device)
+
+
+def extract_loss(output: Any) -> torch.Tensor:
+    """loss: model -> the model returns a scalar, or an object/dict with ``loss``."""
+    if isinstance(output, torch.Tensor):
+        loss = output
+    elif isinstance(output, dict) and "loss" in output:
+        loss = output["loss"]
+    elif hasattr(output, "loss"):
+        loss = output.loss
+    elif isinstance(output, tuple | list) and output and isinstance(output[-1], torch.Tensor):
+        loss = output[-1]
+    else:
+        raise BuildError(f"loss: model: the model returned {type(output).__name__}, not a loss")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise BuildError("loss: model: the model's loss must be a one-element tensor")
+    return loss
+
+
+def model_output_tensor(output: Any) -> torch.Tensor:
+    """The logits/prediction tensor of a model output (HF-style objects included)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "out", "output"):
+        if isinstance(output, dict) and key in output:
+            return output[key]
+        if hasattr(output, key) and isinstance(getattr(output, key), torch.Tensor):
+            return getattr(output, key)
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise BuildError(f"cannot find the output tensor in a {type(output).__name__}; use loss: model or step:")
+
+
+def build_loss(spec: ExperimentSpec) -> Callable[[Any, torch.Tensor | None], torch.Tensor]:
+    """``loss_fn(output, target) -> scalar``."""
+    if spec.loss == "model":
+        return lambda output, target: extract_loss(output)
+    if spec.loss == "cross_entropy":
+        tokens = spec.data.kind == "tokens"
+
+        def cross_entropy(output: Any, target: torch.Tensor | None) -> torch.Tensor:
+            logits = model_output_tensor(output)
+            assert target is not None
+            if tokens:  # (B, T, V) logits, (B, T) ids: nanoGPT's flattening
+                return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), target.view(-1))
+            return nn.functional.cross_entropy(logits, target)
+
+        return cross_entropy
+    if spec.loss == "mse":
+        return lambda output, target: nn.functional.mse_loss(model_output_tensor(output), target)
+    user = import_object(spec.loss, "loss")
+    return lambda output, target: user(model_output_tensor(output), target)

@@ -1,0 +1,624 @@
+"""The experiment spec: YAML in, frozen validated dataclasses out.
+
+``load_spec`` collects *every* problem before raising, one line each, naming the YAML path,
+the bad value and the file line (``exp.yaml:12: search.batch_size.min: must be >= 1, got 0``).
+Unknown keys are errors with a "did you mean" hint. The spec is the interface: components
+never see these objects' raw dicts, the builders map spec -> components.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from autofit.errors import SpecError
+from autofit.units import parse_bytes
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+OBJECTIVES: tuple[str, ...] = ("max_batch", "max_throughput", "max_input_size")
+STRATEGIES: tuple[str, ...] = ("auto", "binary", "optuna")
+CPU_LIMITS: tuple[str, ...] = ("budget", "rlimit")
+SCRIPTS: tuple[str, ...] = ("slurm", "lsf", "torchrun")
+BUILTIN_LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "model")
+DATA_KINDS: tuple[str, ...] = ("image", "tokens", "tensor")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    target: str
+    """Import path of a class or function returning an ``nn.Module`` (``pkg.mod.Name``)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments; the string ``"${input_size}"`` is replaced by the trial's input size."""
+    blocks: str | None = None
+    """Attribute path of the ``nn.ModuleList`` split into checkpoint segments; None = auto."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    kind: Literal["image", "tokens", "tensor"]
+    """Synthetic batches: image (B, C, H, W) float, tokens (B, L) long, tensor (B, *shape)."""
+    channels: int = 3
+    size: tuple[int, int] = (32, 32)
+    """Image height and width in pixels."""
+    num_classes: int | None = None
+    vocab_size: int | None = None
+    seq_len: int = 0
+    """Token sequence length."""
+    shape: tuple[int, ...] = ()
+    """Per-sample shape for kind=tensor."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSpec:
+    target: str = "torch.optim.AdamW"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySpec:
+    budget_bytes: int | None = None
+    """Device capacity to plan for; None means "auto" (the device's own capacity)."""
+    budget_text: str = "auto"
+    """The budget as the user wrote it, kept so output can say "24GB (decimal)"."""
+    margin: float = 0.10
+    """Fraction of the budget kept free: configurations must peak under budget * (1 - margin)."""
+    cpu_limit: Literal["budget", "rlimit"] = "budget"
+    """CPU trials: 'budget' counts live tensor bytes (deterministic), 'rlimit' uses RLIMIT_AS."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRange:
+    min: int = 1
+    max: int = 65536
+    multiple_of: int = 1
+    """Only batch sizes divisible by this are tried (e.g. 8 for tensor cores)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpec:
+    batch_size: BatchRange = field(default_factory=BatchRange)
+    input_sizes: tuple[int, ...] = ()
+    """Image side in pixels or sequence length; empty = the data section's size only."""
+    precisions: tuple[str, ...] = ("fp32",)
+    checkpoint_segments: tuple[int, ...] = (0,)
+    """0 = no activation checkpointing; K = split the blocks into K checkpointed segments."""
+    objective: Literal["max_batch", "max_throughput", "max_input_size"] = "max_batch"
+    strategy: Literal["auto", "binary", "optuna"] = "auto"
+    steps_per_trial: int = 3
+    """Timed steps per trial, after the warm-up steps."""
+    warmup_steps: int = 2
+    """Untimed full steps first; optimizer state appears at the first optimizer.step()."""
+    verify_steps: int = 10
+    """Steps of the final verification run of the winner."""
+    timeout_s: float = 600.0
+    """Wall-clock limit of one trial, process start included."""
+    max_trials: int = 0
+    """Cap on real trials; 0 = automatic."""
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    name: str
+    memory_bytes: int
+    memory_text: str
+    bf16: bool = True
+    """Whether the target GPU supports bf16 (False for V100/T4)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    dir: str = "tuned"
+    global_batch_size: int | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    scripts: tuple[str, ...] = SCRIPTS
+    slurm: dict[str, Any] = field(default_factory=dict)
+    lsf: dict[str, Any] = field(default_factory=dict)
+    train_command: str = "train.py --config tuned.yaml"
+    """Script + args that torchrun launches in the generated submission scripts."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentSpec:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    loss: str = "cross_entropy"
+    """cross_entropy | mse | model (the model returns its loss) | an import path."""
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    device: str = "auto"
+    memory: MemorySpec = field(default_factory=MemorySpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    targets: tuple[TargetSpec, ...] = ()
+    output: OutputSpec = field(default_factory=OutputSpec)
+    step: str | None = None
+    """Import path of a user step ``fn(model, batch_size, input_size, device) -> loss``."""
+    source_path: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The YAML as loaded, used to write tuned.yaml with the same keys the user wrote."""
+
+    @property
+    def default_input_size(self) -> int:
+        if self.data.kind == "image":
+            return self.data.size[0]
+        if self.data.kind == "tokens":
+            return self.data.seq_len
+        return 0
+
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        return self.search.input_sizes or (self.default_input_size,)
+
+    def spec_hash(self) -> str:
+        """Short stable hash of the spec content (provenance of generated files)."""
+        text = json.dumps(self.raw, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Problems:
+    """Collects problems with YAML paths and file lines."""
+
+    def __init__(self, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, path: tuple[Any, ...], message: str) -> None:
+        key = path
+        while key and key not in self.lines:
+            key = key[:-1]
+        line = self.lines.get(key)
+        where = f"{self.source}:{line}: " if line else f"{self.source}: "
+        dotted = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path)
+        dotted = dotted.replace(".[", "[")
+        self.items.append(f"{where}{dotted or '(top level)'}: {message}")
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
+    """YAML path -> 1-based line, from the composed node tree."""
+    out = {} if out is None else out
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, path + (key,), out)
+            out[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, path + (index,), out)
+    return out
+
+
+def _check_keys(p: _Problems, path: tuple, mapping: dict, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
+            p.add(path + (key,), f"unknown key{suggestion}")
+
+
+def _section(p: _Problems, raw: dict, key: str) -> dict:
+    value = raw.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        p.add((key,), f"must be a mapping, got {type(value).__name__} {value!r}")
+        return {}
+    return value
+
+
+def _int(p: _Problems, path: tuple, value: Any, *, minimum: int | None = None,
+         maximum: int | None = None, default: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        p.add(path, f"must be an integer, got {type(value).__name__} {value!r}")
+        return default
+    if minimum is not None and value < minimum:
+        p.add(path, f"must be >= {minimum}, got {value}")
+        return default
+    if maximum is not None and value > maximum:
+        p.add(path, f"must be <= {maximum}, got {value}")
+        return default
+    return value
+
+
+def _float(p: _Problems, path: tuple, value: Any, *, minimum: float, maximum: float,
+           default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        p.add(path, f"must be a number, got {type(value).__name__} {value!r}")
+        return default
+    if not minimum <= value <= maximum:
+        p.add(path, f"must be between {minimum} and {maximum}, got {value}")
+        return default
+    return float(value)
+
+
+def _choice(p: _Problems, path: tuple, value: Any, choices: tuple[str, ...], default: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        p.add(path, f"must be one of {', '.join(choices)}, got {value!r}{extra}")
+        return default
+    return value
+
+
+def _import_path(p: _Problems, path: tuple, value: Any) -> str:
+    if not isinstance(value, str) or "." not in value or value.strip() != value or not all(
+        part.isidentifier() for part in value.split(".")
+    ):
+        p.add(path, f"must be an import path like 'package.module.Name', got {value!r}")
+        return ""
+    return value
+
+
+def _callable_section(p: _Problems, path: tuple, value: Any, extra: tuple[str, ...] = ()
+                      ) -> tuple[str, dict, dict]:
+    """``{_target_: x, **kwargs}`` or Lightning's ``{class_path: x, init_args: {...}}``."""
+    if isinstance(value, str):
+        return _import_path(p, path, value), {}, {}
+    if not isinstance(value, dict):
+        p.add(path, f"must be a mapping with '_target_', got {type(value).__name__} {value!r}")
+        return "", {}, {}
+    value = dict(value)
+    own = {k: value.pop(k) for k in extra if k in value}
+    if "class_path" in value:
+        target = _import_path(p, path + ("class_path",), value.pop("class_path"))
+        init_args = value.pop("init_args", {}) or {}
+        if not isinstance(init_args, dict):
+            p.add(path + ("init_args",), f"must be a mapping, got {init_args!r}")
+            init_args = {}
+        _check_keys(p, path, value, ("class_path", "init_args", *extra))
+        return target, dict(init_args), own
+    if "_target_" not in value:
+        p.add(path, "missing '_target_' (import path of the class or function to call)")
+        return "", {}, own
+    target = _import_path(p, path + ("_target_",), value.pop("_target_"))
+    return target, value, own
+
+
+def _int_list(p: _Problems, path: tuple, value: Any, *, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, dict):
+        _check_keys(p, path, value, ("min", "max", "step"))
+        lo = _int(p, path + ("min",), value.get("min"), minimum=minimum, default=minimum)
+        hi = _int(p, path + ("max",), value.get("max"), minimum=minimum, default=lo)
+        step = _int(p, path + ("step",), value.get("step", 1), minimum=1, default=1)
+        if hi < lo:
+            p.add(path, f"max must be >= min, got min={lo}, max={hi}")
+            return ()
+        values = tuple(range(lo, hi + 1, step))
+        if len(values) > 1000:
+            p.add(path, f"range gives {len(values)} values; at most 1000")
+            return ()
+        return values
+    if not isinstance(value, list) or not value:
+        p.add(path, f"must be a non-empty list of integers or {{min, max, step}}, got {value!r}")
+        return ()
+    out = [_int(p, path + (i,), v, minimum=minimum, default=-1) for i, v in enumerate(value)]
+    return tuple(sorted({v for v in out if v >= minimum}))
+
+
+def _size_pair(p: _Problems, path: tuple, value: Any) -> tuple[int, int]:
+    if isinstance(value, list):
+        if len(value) != 2:
+            p.add(path, f"must be an int or [height, width], got {value!r}")
+            return (32, 32)
+        h = _int(p, path + (0,), value[0], minimum=1, default=32)
+        w = _int(p, path + (1,), value[1], minimum=1, default=32)
+        return (h, w)
+    side = _int(p, path, value, minimum=1, default=32)
+    return (side, side)
+
+
+def _load_data(p: _Problems, raw: dict) -> DataSpec:
+    data = _section(p, raw, "data")
+    if "data" not in raw and not raw.get("step"):
+        p.add(("data",), "missing (e.g. {kind: image, channels: 3, size: 32, num_classes: 10})")
+    kind = _choice(p, ("data", "kind"), data.get("kind", "image" if not data else None),
+                   DATA_KINDS, "image") if data else "image"
+    allowed = {
+        "image": ("kind", "channels", "size", "num_classes"),
+        "tokens": ("kind", "vocab_size", "seq_len"),
+        "tensor": ("kind", "shape", "num_classes"),
+    }[kind]
+    _check_keys(p, ("data",), data, allowed)
+    if kind == "image":
+        return DataSpec(
+            kind="image",
+            channels=_int(p, ("data", "channels"), data.get("channels", 3), minimum=1, default=3),
+            size=_size_pair(p, ("data", "size"), data.get("size", 32)),
+            num_classes=_int(p, ("data", "num_classes"), data["num_classes"], minimum=1, default=10)
+            if "num_classes" in data else None,
+        )
+    if kind == "tokens":
+        if "vocab_size" not in data:
+            p.add(("data", "vocab_size"), "missing (number of token ids)")
+        if "seq_len" not in data:
+            p.add(("data", "seq_len"), "missing (tokens per sample)")
+        return DataSpec(
+            kind="tokens",
+            vocab_size=_int(p, ("data", "vocab_size"), data.get("vocab_size", 2), minimum=2, default=2),
+            seq_len=_int(p, ("data", "seq_len"), data.get("seq_len", 1), minimum=1, default=1),
+        )
+    shape = data.get("shape")
+    if not isinstance(shape, list) or not shape:
+        p.add(("data", "shape"), f"must be a non-empty list of positive integers, got {shape!r}")
+        shape = [1]
+    dims = tuple(_int(p, ("data", "shape", i), d, minimum=1, default=1) for i, d in enumerate(shape))
+    return DataSpec(
+        kind="tensor", shape=dims,
+        num_classes=_int(p, ("data", "num_classes"), data["num_classes"], minimum=1, default=10)
+        if "num_classes" in data else None,
+    )
+
+
+def _load_memory(p: _Problems, raw: dict) -> MemorySpec:
+    mem = _section(p, raw, "memory")
+    _check_keys(p, ("memory",), mem, ("budget", "margin", "cpu_limit"))
+    budget = mem.get("budget", "auto")
+    budget_bytes: int | None = None
+    if budget != "auto":
+        try:
+            budget_bytes = parse_bytes(budget)
+            if budget_bytes < 2**20:
+                p.add(("memory", "budget"), f"must be at least 1MiB, got {budget!r}")
+            elif budget_bytes > 2**50:
+                p.add(("memory", "budget"), f"must be at most 1PiB, got {budget!r}")
+        except ValueError as exc:
+            p.add(("memory", "budget"), f"{exc} (or 'auto')")
+    return MemorySpec(
+        budget_bytes=budget_bytes,
+        budget_text=str(budget),
+        margin=_float(p, ("memory", "margin"), mem.get("margin", 0.10), minimum=0.0, maximum=0.9,
+                      default=0.10),
+        cpu_limit=_choice(p, ("memory", "cpu_limit"), mem.get("cpu_limit", "budget"), CPU_LIMITS,
+                          "budget"),  # type: ignore[arg-type]
+    )
+
+
+def _load_search(p: _Problems, raw: dict) -> SearchSpec:
+    s = _section(p, raw, "search")
+    allowed = ("batch_size", "input_size", "precision", "checkpoint_segments", "objective",
+               "strategy", "steps_per_trial", "warmup_steps", "verify_steps", "timeout_s",
+               "max_trials", "seed")
+    _check_keys(p, ("search",), s, allowed)
+    bs = s.get("batch_size", {}) or {}
+    if not isinstance(bs, dict):
+        p.add(("search", "batch_size"), f"must be a mapping {{min, max}}, got {bs!r}")
+        bs = {}
+    _check_keys(p, ("search", "batch_size"), bs, ("min", "max", "multiple_of"))
+    bmin = _int(p, ("search", "batch_size", "min"), bs.get("min", 1), minimum=1, default=1)
+    bmax = _int(p, ("search", "batch_size", "max"), bs.get("max", 65536), minimum=1,
+                maximum=2**31, default=65536)
+    mult = _int(p, ("search", "batch_size", "multiple_of"), bs.get("multiple_of", 1), minimum=1,
+                default=1)
+    if bmax < bmin:
+        p.add(("search", "batch_size", "max"), f"must be >= min ({bmin}), got {bmax}")
+    if mult > 1 and bmax // mult * mult < bmin:
+        p.add(("search", "batch_size", "multiple_of"),
+              f"no multiple of {mult} lies in [{bmin}, {bmax}]")
+    precisions = s.get("precision", ["fp32"])
+    if isinstance(precisions, str):
+        precisions = [precisions]
+    if not isinstance(precisions, list) or not precisions:
+        p.add(("search", "precision"), f"must be a list from fp32, fp16, bf16, got {precisions!r}")
+        precisions = ["fp32"]
+    precs = tuple(dict.fromkeys(
+        _choice(p, ("search", "precision", i), v, PRECISIONS, "fp32") for i, v in enumerate(precisions)
+    ))
+    segments = _int_list(p, ("search", "checkpoint_segments"), s.get("checkpoint_segments", [0]),
+                         minimum=0) or (0,)
+    input_sizes: tuple[int, ...] = ()
+    if "input_size" in s:
+        input_sizes = _int_list(p, ("search", "input_size"), s["input_size"], minimum=1)
+    return SearchSpec(
+        batch_size=BatchRange(min=bmin, max=max(bmax, bmin), multiple_of=mult),
+        input_sizes=input_sizes,
+        precisions=precs,
+        checkpoint_segments=segments,
+        objective=_choice(p, ("search", "objective"), s.get("objective", "max_batch"), OBJECTIVES,
+                          "max_batch"),  # type: ignore[arg-type]
+        strategy=_choice(p, ("search", "strategy"), s.get("strategy", "auto"), STRATEGIES,
+                         "auto"),  # type: ignore[arg-type]
+        steps_per_trial=_int(p, ("search", "steps_per_trial"), s.get("steps_per_trial", 3),
+                             minimum=1, maximum=1000, default=3),
+        warmup_steps=_int(p, ("search", "warmup_steps"), s.get("warmup_steps", 2), minimum=2,
+                          maximum=100, default=2),
+        verify_steps=_int(p, ("search", "verify_steps"), s.get("verify_steps", 10), minimum=0,
+                          maximum=10000, default=10),
+        timeout_s=_float(p, ("search", "timeout_s"), s.get("timeout_s", 600), minimum=1,
+                         maximum=7 * 86400, default=600),
+        max_trials=_int(p, ("search", "max_trials"), s.get("max_trials", 0), minimum=0,
+                        maximum=10000, default=0),
+        seed=_int(p, ("search", "seed"), s.get("seed", 0), minimum=0, default=0),
+    )
+
+
+def _load_targets(p: _Problems, raw: dict) -> tuple[TargetSpec, ...]:
+    targets = raw.get("targets", []) or []
+    if not isinstance(targets, list):
+        p.add(("targets",), f"must be a list of {{name, memory}}, got {targets!r}")
+        return ()
+    out = []
+    for i, t in enumerate(targets):
+        path = ("targets", i)
+        if not isinstance(t, dict):
+            p.add(path, f"must be a mapping {{name, memory}}, got {t!r}")
+            continue
+        _check_keys(p, path, t, ("name", "memory", "bf16"))
+        name = t.get("name")
+        if not isinstance(name, str) or not name:
+            p.add(path + ("name",), f"must be a non-empty string, got {name!r}")
+            name = f"target{i}"
+        try:
+            mem = parse_bytes(t.get("memory"))
+        except (ValueError, TypeError) as exc:
+            p.add(path + ("memory",), str(exc))
+            mem = 0
+        bf16 = t.get("bf16", not any(old in name.upper() for old in ("V100", "T4", "P100", "K80")))
+        if not isinstance(bf16, bool):
+            p.add(path + ("bf16",), f"must be true or false, got {bf16!r}")
+            bf16 = True
+        out.append(TargetSpec(name=name, memory_bytes=mem, memory_text=str(t.get("memory")), bf16=bf16))
+    return tuple(out)
+
+
+def _load_output(p: _Problems, raw: dict) -> OutputSpec:
+    o = _section(p, raw, "output")
+    _check_keys(p, ("output",), o, ("dir", "global_batch_size", "nodes", "gpus_per_node",
+                                    "scripts", "slurm", "lsf", "train_command"))
+    directory = o.get("dir", "tuned")
+    if not isinstance(directory, str) or not directory:
+        p.add(("output", "dir"), f"must be a path string, got {directory!r}")
+        directory = "tuned"
+    gbs = o.get("global_batch_size")
+    if gbs is not None:
+        gbs = _int(p, ("output", "global_batch_size"), gbs, minimum=1, default=1)
+    scripts = o.get("scripts", list(SCRIPTS))
+    if not isinstance(scripts, list):
+        p.add(("output", "scripts"), f"must be a list from {', '.join(SCRIPTS)}, got {scripts!r}")
+        scripts = []
+    scripts = [_choice(p, ("output", "scripts", i), v, SCRIPTS, "torchrun") for i, v in enumerate(scripts)]
+    slurm = o.get("slurm", {}) or {}
+    lsf = o.get("lsf", {}) or {}
+    if not isinstance(slurm, dict):
+        p.add(("output", "slurm"), f"must be a mapping, got {slurm!r}")
+        slurm = {}
+    if not isinstance(lsf, dict):
+        p.add(("output", "lsf"), f"must be a mapping, got {lsf!r}")
+        lsf = {}
+    _check_keys(p, ("output", "slurm"), slurm, ("partition", "time", "cpus_per_task", "account",
+                                                "job_name", "mem"))
+    _check_keys(p, ("output", "lsf"), lsf, ("queue", "walltime", "project", "job_name"))
+    train_command = o.get("train_command", "train.py --config tuned.yaml")
+    if not isinstance(train_command, str) or not train_command.strip():
+        p.add(("output", "train_command"), f"must be a non-empty string, got {train_command!r}")
+        train_command = "train.py --config tuned.yaml"
+    return OutputSpec(
+        dir=directory,
+        global_batch_size=gbs,
+        nodes=_int(p, ("output", "nodes"), o.get("nodes", 1), minimum=1, maximum=100000, default=1),
+        gpus_per_node=_int(p, ("output", "gpus_per_node"), o.get("gpus_per_node", 1), minimum=1,
+                           maximum=1024, default=1),
+        scripts=tuple(dict.fromkeys(scripts)),
+        slurm=dict(slurm),
+        lsf=dict(lsf),
+        train_command=train_command,
+    )
+
+
+def _device(p: _Problems, value: Any) -> str:
+    if value == "auto" or value == "cpu" or value == "cuda":
+        return value
+    if isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit():
+        return value
+    p.add(("device",), f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return "auto"
+
+
+TOP_LEVEL_KEYS = ("name", "model", "data", "loss", "optimizer", "device", "memory", "search",
+                  "targets", "output", "step")
+
+
+def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None) -> ExperimentSpec:
+    """Validate a loaded YAML mapping. Raises SpecError listing every problem."""
+    p = _Problems(source, lines or {})
+    if not isinstance(raw, dict):
+        p.add((), f"the spec must be a YAML mapping, got {type(raw).__name__}")
+        raise SpecError(p.items, source)
+    _check_keys(p, (), raw, TOP_LEVEL_KEYS)
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name.strip():
+        p.add(("name",), f"must be a non-empty string, got {name!r}")
+        name = "experiment"
+    if "model" not in raw:
+        p.add(("model",), "missing (e.g. {_target_: autofit.zoo.resnet, depth: 18})")
+        model = ModelSpec(target="")
+    else:
+        target, kwargs, own = _callable_section(p, ("model",), raw["model"], extra=("blocks",))
+        blocks = own.get("blocks")
+        if blocks is not None and (not isinstance(blocks, str) or not all(
+                part.isidentifier() for part in blocks.split("."))):
+            p.add(("model", "blocks"), f"must be an attribute path like 'transformer.h', got {blocks!r}")
+            blocks = None
+        model = ModelSpec(target=target, kwargs=kwargs, blocks=blocks)
+    data = _load_data(p, raw)
+    loss = raw.get("loss", "cross_entropy")
+    if not isinstance(loss, str) or (loss not in BUILTIN_LOSSES and "." not in loss):
+        hint = difflib.get_close_matches(str(loss), BUILTIN_LOSSES, n=1, cutoff=0.6)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        p.add(("loss",), f"must be one of {', '.join(BUILTIN_LOSSES)} or an import path, got {loss!r}{extra}")
+        loss = "cross_entropy"
+    elif loss not in BUILTIN_LOSSES:
+        loss = _import_path(p, ("loss",), loss) or "cross_entropy"
+    if loss == "cross_entropy" and data.kind == "image" and data.num_classes is None and "data" in raw:
+        p.add(("data", "num_classes"), "missing (needed for loss: cross_entropy on images)")
+    if "optimizer" in raw:
+        opt_target, opt_kwargs, _ = _callable_section(p, ("optimizer",), raw["optimizer"])
+        optimizer = OptimizerSpec(target=opt_target or "torch.optim.AdamW", kwargs=opt_kwargs)
+    else:
+        optimizer = OptimizerSpec()
+    step = raw.get("step")
+    if step is not None:
+        step = _import_path(p, ("step",), step) or None
+    search = _load_search(p, raw)
+    if search.input_sizes and data.kind == "tensor":
+        p.add(("search", "input_size"), "not supported for data.kind: tensor (no size axis)")
+    spec = ExperimentSpec(
+        name=name,
+        model=model,
+        data=data,
+        loss=loss,
+        optimizer=optimizer,
+        device=_device(p, raw.get("device", "auto")),
+        memory=_load_memory(p, raw),
+        search=search,
+        targets=_load_targets(p, raw),
+        output=_load_output(p, raw),
+        step=step,
+        source_path=source if source != "<spec>" else None,
+        raw=copy.deepcopy(raw),
+    )
+    if p.items:
+        raise SpecError(p.items, source)
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a YAML experiment spec. Raises SpecError with every problem."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise SpecError([f"{source}: file not found"], source)
+    if path.is_dir():
+        raise SpecError([f"{source}: is a directory, expected a YAML file"], source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"{source}: cannot read: {exc}"], source) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{source}{line}: invalid YAML: {problem}"], source) from None
+    if raw is None:
+        raise SpecError([f"{source}: the file is empty"], source)
+    lines = _line_map(node) if node is not None else {}
+    spec = spec_from_dict(raw, source, lines)
+    return replace(spec, source_path=str(path.resolve()))

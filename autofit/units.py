@@ -1,0 +1,62 @@
+"""Byte quantities: parse "24GB" / "16GiB" and print both decimal and binary forms.
+
+Decimal units (kB, MB, GB, TB) are powers of 1000 and binary units (KiB, MiB, GiB, TiB)
+powers of 1024, as in IEC 80000-13. GPU vendors quote decimal "GB" for some cards and
+binary sizes for others, so output always labels which one it shows.
+"""
+
+from __future__ import annotations
+
+import re
+
+_DECIMAL = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """Parse ``"24GB"`` (decimal), ``"16GiB"`` (binary) or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '24GB' or '16GiB', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value!r}")
+        return int(value)
+    match = _PATTERN.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size like '24GB' or '16GiB', got {value!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit in ("", "b"):
+        return int(number)
+    if unit in _DECIMAL:
+        return int(number * _DECIMAL[unit])
+    if unit in _BINARY:
+        return int(number * _BINARY[unit])
+    raise ValueError(
+        f"unknown unit {match.group(2)!r} in {value!r}; use kB/MB/GB/TB (decimal) or KiB/MiB/GiB/TiB (binary)"
+    )
+
+
+def format_binary(num_bytes: float) -> str:
+    """``1.50 GiB``: powers of 1024."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_decimal(num_bytes: float) -> str:
+    """``1.61 GB``: powers of 1000."""
+    value = float(num_bytes)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Both forms, binary first: ``1.50 GiB (1.61 GB)``."""
+    return f"{format_binary(num_bytes)} ({format_decimal(num_bytes)})"
