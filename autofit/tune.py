@@ -407,8 +407,13 @@ class Plan:
     limit_bytes: int
 
 
-def plan_limits(spec: ExperimentSpec, device: str | None = None) -> Plan:
-    """Resolve device, budget ('auto' = the device's capacity) and the usable limit."""
+def plan_limits(spec: ExperimentSpec, device: str | None = None, *,
+                require_device: bool = True) -> Plan:
+    """Resolve device, budget ('auto' = the device's capacity) and the usable limit.
+
+    With ``require_device=False`` (validate, estimate) a CUDA spec on a machine without CUDA
+    still gets the CUDA device model; an 'auto' budget is then unknown (0).
+    """
     import platform
 
     import torch
@@ -416,9 +421,15 @@ def plan_limits(spec: ExperimentSpec, device: str | None = None) -> Plan:
     device = device or resolve_device(spec.device)
     info: dict[str, Any] = {"kind": "cuda" if device.startswith("cuda") else "cpu",
                             "torch": torch.__version__.split("+")[0], "cuda": torch.version.cuda}
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if require_device:
             raise AutofitError(f"device: {device!r} requested but CUDA is not available here")
+        from autofit.device_model import CUDA_DEFAULT
+
+        info.update(name="(no CUDA device here: modelled)", total_bytes=0)
+        budget = spec.memory.budget_bytes or 0
+        return Plan(device, info, CUDA_DEFAULT, budget, int(budget * (1.0 - spec.memory.margin)))
+    if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update(name=props.name, total_bytes=int(props.total_memory))
         model = device_model_for("cuda", props.name)

@@ -1,0 +1,160 @@
+"""Terminal output: rich tables for estimates, trials and tune results.
+
+Sizes are printed in binary units with the decimal form beside them, labelled, because GPU
+memory is quoted both ways ("40GB" A100 = 40 GiB of HBM, minus what the driver keeps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from autofit.memory import MemoryBreakdown
+from autofit.predict import MaxBatchEstimate, MemoryEstimate
+from autofit.trial import TrialResult
+from autofit.tune import TrialRecord, TuneResult
+from autofit.units import format_binary, format_bytes, format_decimal
+
+
+def _mib(num_bytes: int | float | None) -> str:
+    return "-" if num_bytes is None else format_binary(num_bytes)
+
+
+def breakdown_table(memory: MemoryBreakdown, title: str, limit_bytes: int | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("category")
+    table.add_column("binary (GiB/MiB)", justify="right")
+    table.add_column("decimal (GB/MB)", justify="right")
+    table.add_column("share", justify="right")
+    peak = max(memory.peak_bytes, 1)
+    for name, value in memory.categories().items():
+        table.add_row(name, format_binary(value), format_decimal(value), f"{100 * value / peak:.1f}%")
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_binary(memory.peak_bytes)}[/bold]",
+                  format_decimal(memory.peak_bytes), f"in {memory.peak_phase} (step {memory.peak_step})")
+    if memory.reserved_bytes is not None:
+        table.add_row("reserved (allocator)", format_binary(memory.reserved_bytes),
+                      format_decimal(memory.reserved_bytes), "")
+    if limit_bytes:
+        table.add_row("limit (budget x (1 - margin))", format_binary(limit_bytes),
+                      format_decimal(limit_bytes), "")
+    return table
+
+
+def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEstimate | None,
+                   budget_bytes: int, limit_bytes: int, per_layer: bool) -> None:
+    c = est.candidate
+    console.print(f"[bold]estimate[/bold] {c.label()} on {est.device_kind} "
+                  f"({est.param_count:,} parameters, traced in {est.trace_time_s:.2f} s)")
+    console.print(breakdown_table(est.breakdown, "predicted memory at the peak", limit_bytes))
+    if est.device_kind == "cuda":
+        console.print(f"predicted max_memory_allocated {format_bytes(est.allocated_bytes)}, "
+                      f"max_memory_reserved {format_bytes(est.reserved_bytes)} (device model)")
+    if per_layer and est.layers:
+        table = Table(title="per module (step 1 forward)", title_justify="left")
+        for col in ("module", "type", "params", "saved for backward", "cumulative"):
+            table.add_column(col, justify="left" if col in ("module", "type") else "right")
+        for row in est.layers:
+            table.add_row(row.name, row.kind, _mib(row.params_bytes), _mib(row.saved_bytes),
+                          _mib(row.cumulative_bytes))
+        console.print(table)
+    if max_batch is None:
+        console.print("max batch: unknown (memory.budget is 'auto' and the device is not here); "
+                      "set memory.budget to predict it")
+    else:
+        curve = max_batch.curve
+        console.print(
+            f"batch curve: peak = {format_binary(curve.intercept_bytes)} + "
+            f"{format_binary(curve.slope_bytes_per_sample)} x batch "
+            f"(affine-fit residual {100 * curve.residual:.3f}%, {max_batch.traces} traces)"
+        )
+        console.print(
+            f"[bold]predicted max batch {max_batch.batch_size}[/bold] under "
+            f"{format_bytes(limit_bytes)} = budget {format_bytes(budget_bytes)} x (1 - margin)"
+        )
+
+
+def trial_line(record: TrialRecord) -> str:
+    r = record.result
+    status = {"fits": "[green]fits[/green]", "oom": "[yellow]oom[/yellow]"}.get(
+        r.status.value, f"[red]{r.status.value}[/red]")
+    speed = f"  {r.samples_per_s:,.1f} samples/s" if r.samples_per_s else ""
+    resumed = " (resumed)" if record.resumed else ""
+    msg = f"  {r.message[:110]}" if r.status.value not in ("fits",) and r.message else ""
+    warn = f"  [yellow]{r.warning}[/yellow]" if r.warning else ""
+    return (f"trial {record.number:>3} {record.purpose:<9} {r.candidate.label():<36} "
+            f"pred {_mib(record.predicted_peak_bytes):>11}  meas {_mib(r.peak_bytes):>11}  "
+            f"{status}  {r.wall_time_s:5.1f} s{speed}{resumed}{msg}{warn}")
+
+
+def print_trial(console: Console, result: TrialResult) -> None:
+    console.print(f"[bold]trial[/bold] {result.candidate.label()}: {result.status.value}"
+                  + (f" — {result.message}" if result.message else ""))
+    if result.memory is not None and result.status.value == "fits":
+        console.print(breakdown_table(result.memory, "measured memory at the peak", result.limit_bytes))
+    if result.step_time_s:
+        units = (f", {result.units_per_s:,.0f} {result.units_name}/s"
+                 if result.units_per_s and result.units_name else "")
+        console.print(f"median step {result.step_time_s * 1000:.1f} ms, "
+                      f"{result.samples_per_s:,.1f} samples/s{units}; {result.steps_run} steps; "
+                      f"limit kind {result.limit_kind}; overhead {result.overhead_s:.2f} s")
+    if result.warning:
+        console.print(f"[yellow]warning:[/yellow] {result.warning}")
+
+
+def print_tune(console: Console, result: TuneResult) -> None:
+    table = Table(title="trials", title_justify="left")
+    for col in ("#", "purpose", "batch", "size", "precision", "ckpt", "predicted", "measured",
+                "error", "status", "samples/s", "s"):
+        table.add_column(col, justify="right" if col not in ("purpose", "status", "precision") else "left")
+    best_number = result.best.number if result.best else None
+    for record in result.trials:
+        r = record.result
+        c = r.candidate
+        err = ""
+        if record.predicted_peak_bytes and r.peak_bytes and r.fits:
+            err = f"{100 * (record.predicted_peak_bytes / r.peak_bytes - 1):+.2f}%"
+        mark = " ★" if record.number == best_number else ""
+        table.add_row(f"{record.number}{mark}", record.purpose, str(c.batch_size), str(c.input_size),
+                      c.precision, str(c.checkpoint_segments), _mib(record.predicted_peak_bytes),
+                      _mib(r.peak_bytes), err, r.status.value,
+                      f"{r.samples_per_s:,.1f}" if r.samples_per_s else "-", f"{r.wall_time_s:.1f}")
+    console.print(table)
+    if len(result.settings) > 1:
+        st = Table(title="largest batch per setting (measured where tried, else predicted)",
+                   title_justify="left")
+        for col in ("size", "precision", "ckpt", "predicted", "measured", "pinned"):
+            st.add_column(col, justify="right")
+        for s in sorted(result.settings, key=lambda s: (s.input_size, s.precision, s.checkpoint_segments)):
+            st.add_row(str(s.input_size), s.precision, str(s.checkpoint_segments),
+                       str(s.predicted_batch_size), str(s.measured_batch_size or "-"),
+                       "yes" if s.pinned else "")
+        console.print(st)
+        front = result.pareto()
+        console.print("Pareto front (input size, batch) per precision: " + "; ".join(
+            f"{p}: " + ", ".join(f"({x['input_size']}, {x['batch_size']})" for x in pts)
+            for p, pts in front.items()))
+    if result.best is not None:
+        best = result.best.result
+        verified = "verified" if result.best.purpose == "verify" else "not verified"
+        console.print(f"[bold green]best[/bold green] {best.candidate.label()} ({verified} over "
+                      f"{result.best.steps} steps): peak {format_bytes(best.peak_bytes or 0)}, "
+                      f"{best.samples_per_s or 0:,.1f} samples/s")
+        if best.memory is not None:
+            console.print(breakdown_table(best.memory, "memory of the winner (measured)", result.limit_bytes))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"{result.real_trials} real trials, {result.real_steps} training steps, "
+                  f"prediction {result.predict_s:.1f} s, total {result.wall_time_s:.1f} s; "
+                  f"budget {format_bytes(result.budget_bytes)}, margin {result.spec.memory.margin:.0%}, "
+                  f"limit {format_bytes(result.limit_bytes)}")
+
+
+def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for t in targets:
+        status = "verified" if t.get("verified") else "predicted-only"
+        lines.append(f"target {t['name']} ({format_bytes(t['memory_bytes'])}): batch {t.get('batch_size')} "
+                     f"{t.get('precision')} ckpt={t.get('checkpoint_segments')} ({status})")
+    return lines
