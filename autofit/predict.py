@@ -152,7 +152,9 @@ class BatchCurve:
     points: list[tuple[int, int]]
     """(batch, planned peak bytes) of every trace taken."""
     residual: float = 0.0
-    """Largest |fit - trace| / trace over the traces not used in the fit."""
+    """Largest |fit - trace| / trace of the final line over traces near the boundary."""
+    first_fit_error: float = 0.0
+    """|fit - trace| / trace of the two-point fit at its first inverted guess."""
 
     def peak_at(self, batch: int) -> float:
         return self.intercept_bytes + self.slope_bytes_per_sample * batch
@@ -166,7 +168,8 @@ class BatchCurve:
     def to_dict(self) -> dict[str, Any]:
         return {"intercept_bytes": self.intercept_bytes,
                 "slope_bytes_per_sample": self.slope_bytes_per_sample,
-                "points": self.points, "residual": self.residual}
+                "points": self.points, "residual": self.residual,
+                "first_fit_error": self.first_fit_error}
 
 
 def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
@@ -193,6 +196,8 @@ class MaxBatchEstimate:
     estimates: dict[int, MemoryEstimate]
     traces: int
     seconds: float
+    exact: bool = True
+    """True when traces pinned it (batch fits, batch + step does not); False = quick ranking."""
 
     @property
     def estimate(self) -> MemoryEstimate | None:
@@ -232,55 +237,77 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
         return cache[batch].peak_bytes
 
     b1 = lo_allowed
-    b2 = min(hi_allowed, max(b1 + mult, 2 * b1)) if hi_allowed > b1 else b1
-    points = [(b1, planned(b1))]
-    if b2 != b1:
-        points.append((b2, planned(b2)))
-    intercept, slope = fit_line(points)
-    curve = BatchCurve(intercept, slope, list(points))
-    if points[0][1] > limit_bytes:
+    first = planned(b1)
+    if first > limit_bytes:
+        curve = BatchCurve(0.0, first / max(b1, 1), [(b1, first)])
         return MaxBatchEstimate(0, limit_bytes, curve, cache, len(cache), time.perf_counter() - start)
-    if len(points) == 1:
+    # Peak is affine with a non-negative intercept, so scaling the whole peak of b1 up to the
+    # limit gives a batch that still fits; the slope comes from there and half of it, where
+    # activations (not the optimizer step of a tiny batch) set the peak.
+    b2 = min(hi_allowed, _align_down(int(b1 * limit_bytes / max(first, 1)), mult))
+    if b2 <= b1:
+        b2 = min(hi_allowed, b1 + mult)
+    if b2 == b1:
+        curve = BatchCurve(0.0, first / max(b1, 1), [(b1, first)])
         return MaxBatchEstimate(b1, limit_bytes, curve, cache, len(cache), time.perf_counter() - start)
+    planned(b2)
+    bm = max(b1, _align_down(b2 // 2, mult))
+    if bm not in (b1, b2):
+        planned(bm)
+    x1 = bm if bm != b2 else b1
+    intercept, slope = fit_line([(x1, cache[x1].peak_bytes), (b2, cache[b2].peak_bytes)])
+    curve = BatchCurve(intercept, slope, [])
 
-    guess = min(hi_allowed, max(lo_allowed, _align_down(curve.max_batch(limit_bytes), mult)))
+    def bracket() -> tuple[int, int | None]:
+        fits = [b for b in cache if cache[b].peak_bytes <= limit_bytes]
+        fails = [b for b in cache if cache[b].peak_bytes > limit_bytes]
+        return max(fits), (min(fails) if fails else None)
+
     residuals: list[float] = []
-    best_fit, best_fail = (b1 if points[0][1] <= limit_bytes else 0), None
-    if points[1][1] <= limit_bytes:
-        best_fit = max(best_fit, b2)
-    else:
-        best_fail = b2
+    guess = _align_down(curve.max_batch(limit_bytes), mult)
     for _ in range(max_traces):
-        if guess in cache:
-            break
+        best_fit, best_fail = bracket()
+        if best_fit >= hi_allowed or (best_fail is not None and best_fail <= best_fit + mult):
+            break  # pinned: the next step up was traced and does not fit, or the spec's max fits
+        low, high = best_fit, (best_fail if best_fail is not None else hi_allowed + mult)
+        if not low < guess < high:
+            guess = low + mult if guess <= low else min(high - mult, hi_allowed)
+            if not low < guess < high:
+                break
+        guess = min(guess, hi_allowed)
         peak = planned(guess)
         residuals.append(abs(curve.peak_at(guess) - peak) / max(peak, 1))
-        if peak <= limit_bytes:
-            best_fit = max(best_fit, guess)
+        best_fit, best_fail = bracket()
+        if best_fail is not None:
+            # regula falsi on the bracket; peak(batch) is convex piecewise affine, so the
+            # secant is exact once both ends sit on the same affine piece
+            p_fit, p_fail = cache[best_fit].peak_bytes, cache[best_fail].peak_bytes
+            slope = (p_fail - p_fit) / (best_fail - best_fit)
+            intercept = p_fit - slope * best_fit
         else:
-            best_fail = guess if best_fail is None else min(best_fail, guess)
+            # extrapolate through the two largest traced batches
+            x1, x2 = sorted(cache)[-2:]
+            intercept, slope = fit_line([(x1, cache[x1].peak_bytes), (x2, cache[x2].peak_bytes)])
+        curve = BatchCurve(intercept, slope, [])
         if not exact:
             break
-        # re-fit on the two traced points nearest the boundary
-        near = sorted(cache, key=lambda b: abs(cache[b].peak_bytes - limit_bytes))[:2]
-        if len(near) == 2 and near[0] != near[1]:
-            intercept, slope = fit_line([(b, cache[b].peak_bytes) for b in near])
-            curve = BatchCurve(intercept, slope, [(b, cache[b].peak_bytes) for b in sorted(cache)])
         nxt = _align_down(curve.max_batch(limit_bytes), mult)
-        if best_fail is not None:
-            nxt = min(nxt, best_fail - mult)
-        nxt = max(nxt, best_fit)
-        nxt = min(nxt, hi_allowed)
-        if nxt == best_fit:
-            # pinned when the next step up was traced and failed, or is the spec's max
-            if best_fit >= hi_allowed or (best_fail is not None and best_fail <= best_fit + mult):
-                break
-            nxt = best_fit + mult
-        guess = nxt
+        # at the boundary, test the step just above the best fit to pin it
+        guess = nxt if nxt > best_fit else best_fit + mult
+    best_fit, best_fail = bracket()
+    if not exact:
+        # quick mode: the refitted line's answer, inside the traced bracket (for ranking)
+        inverse = _align_down(curve.max_batch(limit_bytes), mult)
+        upper = hi_allowed if best_fail is None else best_fail - mult
+        best_fit = max(best_fit, min(inverse, upper))
     curve.points = [(b, cache[b].peak_bytes) for b in sorted(cache)]
-    curve.residual = max(residuals) if residuals else 0.0
+    # affinity check: the final line against every traced batch on the same piece (batches
+    # far below the boundary may peak in another phase, e.g. the optimizer step)
+    near = [(b, p) for b, p in curve.points if b >= best_fit / 4] or curve.points
+    curve.residual = max(abs(curve.peak_at(b) - p) / max(p, 1) for b, p in near)
+    curve.first_fit_error = residuals[0] if residuals else 0.0
     return MaxBatchEstimate(best_fit, limit_bytes, curve, cache, len(cache),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, exact=exact)
 
 
 def naive_estimate_bytes(spec: ExperimentSpec, candidate: Candidate) -> int:

@@ -373,8 +373,8 @@ def _load_memory(p: _Problems, raw: dict) -> MemorySpec:
     if budget != "auto":
         try:
             budget_bytes = parse_bytes(budget)
-            if budget_bytes < 2**20:
-                p.add(("memory", "budget"), f"must be at least 1MiB, got {budget!r}")
+            if budget_bytes < 2**16:
+                p.add(("memory", "budget"), f"must be at least 64KiB, got {budget!r}")
             elif budget_bytes > 2**50:
                 p.add(("memory", "budget"), f"must be at most 1PiB, got {budget!r}")
         except ValueError as exc:

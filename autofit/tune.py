@@ -372,11 +372,14 @@ class BatchPinner:
             # secant step: move the fitted line to pass through the measured point
             slope = curve.slope_bytes_per_sample
             guess = batch + math.floor((self.limit - result.peak_bytes) / slope)
-        if result.fits:
+        low = (lo_ok if lo_ok is not None else self.lo - self.mult)
+        high = (hi_bad if hi_bad is not None else self.hi + self.mult)
+        if curve is None:
+            # no prediction: gallop up until something fails, then bisect
+            candidate = max(batch + self.mult, batch * 2) if hi_bad is None else (low + high) // 2
+        elif result.fits:
             step_up = batch + self.mult
             candidate = max(step_up, self._clamp(guess) if guess is not None else step_up)
-            if lo_ok is None and curve is None:
-                candidate = max(step_up, batch * 2)  # no prediction: gallop
         else:
             if curve is not None and self.predicted_peak(batch):
                 # the prediction undershot: shrink by the miss, at least one step
@@ -386,8 +389,7 @@ class BatchPinner:
             if lo_ok is None and candidate <= self.lo:
                 candidate = self.lo
         # stay strictly inside the open interval (lo_ok, hi_bad); bisect when the guess leaves it
-        low = (lo_ok if lo_ok is not None else self.lo - self.mult)
-        high = (hi_bad if hi_bad is not None else self.hi + self.mult)
+        candidate = candidate // self.mult * self.mult
         if not low < candidate < high:
             candidate = (low + high) // 2 // self.mult * self.mult
             if candidate <= low:
@@ -610,11 +612,18 @@ def _search_max_batch(spec: ExperimentSpec, settings: list[Setting],
     best: TrialRecord | None = None
     for setting in ranked:
         pred = predictions[setting]
-        if best is not None and pred.batch_size * 1.02 < best.result.candidate.batch_size:
+        if best is not None and pred.batch_size * 1.05 < best.result.candidate.batch_size:
             say(f"skipping {setting}: predicted {pred.batch_size} cannot beat {best.result.candidate.batch_size}")
             continue
         if ledger.exhausted:
             break
+        if not pred.exact:
+            # settings were ranked on quick predictions; pin from an exact one
+            pred = predictions[setting] = predict_max_batch(
+                spec, Candidate(batch_size=spec.search.batch_size.min, input_size=setting[0],
+                                precision=setting[1], checkpoint_segments=setting[2]),
+                plan.device_model, plan.limit_bytes, exact=True)
+            summaries[setting].predicted_batch_size = pred.batch_size
         record = _pin(spec, BatchPinner(spec, setting, pred, plan.limit_bytes), ledger,
                       "predicted", summaries[setting])
         if record is not None and _better(best, record):

@@ -204,7 +204,8 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
         if losses and not all(math.isfinite(v) for v in losses):
             result["warning"] = "loss is NaN/inf in some steps (memory is still measured)"
         if not job.optimizer_has_state():
-            result["warning"] = "optimizer state never appeared (every fp16 step overflowed)"
+            result["warning"] = "; ".join(filter(None, [
+                result.get("warning"), "optimizer state never appeared (every fp16 step overflowed)"]))
     except BaseException as exc:  # noqa: BLE001 - a trial's failure is data
         oom, kind = is_oom_error(exc)
         phase = "setup"

@@ -7,6 +7,7 @@ Every trial is tiny (< 1 s) except the hang, which is killed by a 3 s timeout.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from typing import Any
@@ -70,12 +71,14 @@ def assert_healthy_trial_still_works() -> None:
 
 
 def test_predicted_boundary_fits_and_one_more_sample_ooms() -> None:
+    # from batch 1: small batches peak in the optimizer step, large ones in backward
+    # (test_predict.test_predict_max_batch_when_peak_phase_changes)
     spec = make_spec("autofit.zoo.mlp",
                      model_kwargs={"in_features": 16, "hidden": 128, "depth": 2, "out_features": 4})
     limit = 3 * 2**20
     pred = predict_max_batch(spec, cand(1), CPU, limit)
     b = pred.batch_size
-    assert 1 < b < 65536
+    assert 64 < b < 65536
     predicted = pred.estimates[b] if b in pred.estimates else estimate(spec, cand(b), CPU)
 
     at = run_trial(spec, cand(b), limit_bytes=limit)
@@ -97,7 +100,7 @@ def test_fits_result_is_complete() -> None:
     assert result.steps_run == 3  # warmup 2 + 1 timed
     assert result.step_time_s is not None and result.step_time_s > 0
     assert result.samples_per_s is not None and result.samples_per_s > 0
-    assert result.loss is not None and result.loss == result.loss  # finite-ish, not NaN
+    assert result.loss is not None and math.isfinite(result.loss)
     assert result.memory is not None
     # params (16*4+4 floats) are in the breakdown, the optimizer (AdamW) holds 2 states each
     assert result.memory.params_bytes == (16 * 4 + 4) * 4

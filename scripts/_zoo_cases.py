@@ -1,0 +1,155 @@
+"""Shared small zoo cases for the benchmark scripts (``scripts/bench_*.py``).
+
+Each case is a plain spec dict (what ``autofit.spec.spec_from_dict`` takes), small enough to
+run real training steps on a 2-core CPU in well under a second at batch 4 (fp32). Every zoo
+model appears once: mlp, resnet, vit, gpt.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import sys
+from typing import Any
+
+CASES: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "name": "mlp",
+        "model": {"_target_": "autofit.zoo.mlp", "in_features": 784, "hidden": 512, "depth": 4,
+                  "out_features": 10},
+        "data": {"kind": "tensor", "shape": [784], "num_classes": 10},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3},
+    },
+    "resnet": {
+        "name": "resnet18-w16",
+        "model": {"_target_": "autofit.zoo.resnet", "depth": 18, "width": 16, "num_classes": 10},
+        "data": {"kind": "image", "channels": 3, "size": 32, "num_classes": 10},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+    },
+    "vit": {
+        "name": "vit-d96",
+        "model": {"_target_": "autofit.zoo.vit", "image_size": 32, "patch_size": 4, "dim": 96,
+                  "depth": 4, "heads": 3, "num_classes": 10},
+        "data": {"kind": "image", "channels": 3, "size": 32, "num_classes": 10},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3},
+    },
+    "gpt": {
+        "name": "gpt-l4-e128",
+        "model": {"_target_": "autofit.zoo.gpt", "vocab_size": 512, "block_size": 128,
+                  "n_layer": 4, "n_head": 4, "n_embd": 128},
+        "data": {"kind": "tokens", "vocab_size": 512, "seq_len": 128},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 3.0e-4},
+    },
+}
+
+GPT_TINY: dict[str, Any] = {
+    "name": "gpt-l2-e64",
+    "model": {"_target_": "autofit.zoo.gpt", "vocab_size": 256, "block_size": 128,
+              "n_layer": 2, "n_head": 2, "n_embd": 64},
+    "data": {"kind": "tokens", "vocab_size": 256, "seq_len": 128},
+    "loss": "cross_entropy",
+    "optimizer": {"_target_": "torch.optim.AdamW", "lr": 3.0e-4},
+}
+"""The smallest GPT, for the slow 3-axis (size x precision x segments) search."""
+
+
+def case_names() -> list[str]:
+    return list(CASES)
+
+
+def case(name: str) -> dict[str, Any]:
+    """A deep copy of one case's spec dict (safe to modify)."""
+    if name == "gpt_tiny":
+        return copy.deepcopy(GPT_TINY)
+    return copy.deepcopy(CASES[name])
+
+
+def with_budget(raw: dict[str, Any], budget: str | int | None = None, *, margin: float = 0.10,
+                device: str = "cpu", search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy of ``raw`` with ``device``, ``memory: {budget, margin}`` and ``search`` overrides.
+
+    ``budget`` is a size string (``"64MiB"``) or bytes; None leaves the memory section out
+    (budget ``auto``).
+    """
+    out = copy.deepcopy(raw)
+    out["device"] = device
+    if budget is not None:
+        out["memory"] = {"budget": budget if isinstance(budget, str) else f"{int(budget)}B",
+                         "margin": margin}
+    if search:
+        merged = dict(out.get("search", {}) or {})
+        merged.update(copy.deepcopy(search))
+        out["search"] = merged
+    return out
+
+
+def spec_of(name: str, budget: str | int | None = None, *, margin: float = 0.10,
+            device: str = "cpu", search: dict[str, Any] | None = None) -> Any:
+    """``spec_from_dict`` of a named case with budget/margin/device/search set."""
+    from autofit.spec import spec_from_dict
+
+    return spec_from_dict(with_budget(case(name), budget, margin=margin, device=device,
+                                      search=search), f"<{name}>")
+
+
+def machine_line() -> str:
+    """One line naming the machine: platform, CPU count, Python and torch versions."""
+    import torch
+
+    cpus = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = cpus
+    return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
+            f"{cpus} CPUs ({usable} usable, torch threads {torch.get_num_threads()}) | "
+            f"Python {sys.version.split()[0]} | torch {torch.__version__}")
+
+
+def fmt_mib(nbytes: float | int | None) -> str:
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / 2**20:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-style markdown table (also readable as plain text)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for row in cells[1:]:
+        lines.append("| " + " | ".join(c.rjust(w) if _numeric(c) else c.ljust(w)
+                                       for c, w in zip(row, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    t = text.replace(",", "").replace("%", "").replace("+", "").replace("x", "").strip()
+    try:
+        float(t)
+    except ValueError:
+        return False
+    return True
+
+
+class Report:
+    """Collects printed lines so ``--markdown PATH`` can write the same text to a file."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def write(self, path: str | None) -> None:
+        if path:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(self.lines) + "\n")
+            print(f"(written to {path})", flush=True)

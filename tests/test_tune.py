@@ -1,0 +1,263 @@
+"""tune(): injected OOM landscapes, exact trial sequences, objectives, resume, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autofit.candidate import Candidate
+from autofit.device_model import CPU
+from autofit.errors import SearchError, TrialError
+from autofit.memory import MemoryBreakdown
+from autofit.predict import estimate
+from autofit.spec import spec_from_dict
+from autofit.trial import TrialResult, TrialStatus
+from autofit.tune import BatchPinner, tune
+
+MiB = 2**20
+
+
+def make_spec(**search):
+    raw = {
+        "name": "tiny-mlp",
+        "model": {"_target_": "autofit.zoo.mlp", "in_features": 64, "hidden": 64, "depth": 2,
+                  "out_features": 8},
+        "data": {"kind": "tensor", "shape": [64], "num_classes": 8},
+        "device": "cpu",
+        "memory": {"budget": "4MiB", "margin": 0.10},
+        "search": {"steps_per_trial": 1, "verify_steps": 3, **search},
+    }
+    return spec_from_dict(raw)
+
+
+class Landscape:
+    """A fake trial runner: peak = traced peak * factor; fits iff peak <= limit."""
+
+    def __init__(self, factor: float = 1.0, speed=None, fail_at: int | None = None,
+                 interrupt_after: int | None = None) -> None:
+        self.factor = factor
+        self.speed = speed or (lambda c: 100.0 * c.batch_size / (1 + 0.01 * c.batch_size))
+        self.calls: list[tuple[int, int, str, int, int]] = []
+        self.fail_at = fail_at
+        self.interrupt_after = interrupt_after
+        self._cache: dict[Candidate, int] = {}
+
+    def peak(self, spec, c: Candidate) -> int:
+        if c not in self._cache:
+            self._cache[c] = int(estimate(spec, c, CPU).peak_bytes * self.factor)
+        return self._cache[c]
+
+    def __call__(self, spec, candidate, *, limit_bytes, steps, device) -> TrialResult:
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.calls.append((candidate.batch_size, candidate.input_size, candidate.precision,
+                           candidate.checkpoint_segments, steps))
+        if self.fail_at is not None and candidate.batch_size == self.fail_at:
+            return TrialResult(candidate=candidate, status=TrialStatus.ERROR,
+                               message="RuntimeError in forward: mat1 and mat2 shapes cannot be multiplied")
+        peak = self.peak(spec, candidate)
+        if peak > limit_bytes:
+            return TrialResult(candidate=candidate, status=TrialStatus.OOM, message="oom",
+                               memory=MemoryBreakdown(peak_bytes=limit_bytes + 1),
+                               limit_bytes=limit_bytes, limit_kind="cpu-budget", steps_run=1)
+        return TrialResult(candidate=candidate, status=TrialStatus.FITS,
+                           memory=MemoryBreakdown(peak_bytes=peak), limit_bytes=limit_bytes,
+                           step_time_s=candidate.batch_size / self.speed(candidate),
+                           samples_per_s=self.speed(candidate), steps_run=2 + steps,
+                           limit_kind="cpu-budget")
+
+
+def true_max(spec, landscape: Landscape, limit: int, setting=(0, "fp32", 0)) -> int:
+    """Exhaustive answer by bisection on the (monotonic) landscape."""
+    size, precision, segments = setting
+
+    def fits(b: int) -> bool:
+        c = Candidate(batch_size=b, input_size=size, precision=precision, checkpoint_segments=segments)
+        return landscape.peak(spec, c) <= limit
+
+    lo, hi = 0, spec.search.batch_size.max + 1  # fits(lo) (0 = none), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def test_exact_prediction_pins_in_two_trials_plus_verify():
+    spec = make_spec()
+    land = Landscape()
+    result = tune(spec, runner=land)
+    b = result.best.result.candidate.batch_size
+    # the first trial is the predicted max, the second the step above, then verification
+    assert land.calls == [(b, 0, "fp32", 0, 1), (b + 1, 0, "fp32", 0, 1), (b, 0, "fp32", 0, 3)]
+    assert b == true_max(spec, land, result.limit_bytes)
+    assert result.best.purpose == "verify"
+    assert [t.result.status for t in result.trials] == [TrialStatus.FITS, TrialStatus.OOM, TrialStatus.FITS]
+
+
+@pytest.mark.parametrize("factor", [1.06, 0.93])
+def test_mispredicted_landscape_still_finds_true_max(factor):
+    spec = make_spec()
+    land = Landscape(factor=factor)
+    result = tune(spec, runner=land)
+    found = result.best.result.candidate.batch_size
+    assert found == true_max(spec, land, result.limit_bytes)
+    # pinned: found ran and fit, found+1 ran and did not fit
+    ran = {(c[0], c[4]) for c in land.calls}
+    assert (found, 1) in ran and (found + 1, 1) in ran
+    assert len(land.calls) <= 8
+    # never returns a batch that was not run
+    assert (found, spec.search.verify_steps) in ran
+
+
+def test_spec_max_caps_the_search():
+    spec = make_spec(batch_size={"min": 1, "max": 5})
+    land = Landscape()
+    result = tune(spec, runner=land)
+    assert result.best.result.candidate.batch_size == 5
+    assert land.calls == [(5, 0, "fp32", 0, 1), (5, 0, "fp32", 0, 3)]
+
+
+def test_multiple_of_respected():
+    spec = make_spec(batch_size={"min": 8, "max": 4096, "multiple_of": 8})
+    land = Landscape()
+    result = tune(spec, runner=land)
+    assert all(call[0] % 8 == 0 for call in land.calls)
+    found = result.best.result.candidate.batch_size
+    assert land.peak(spec, result.best.result.candidate) <= result.limit_bytes
+    assert land.peak(spec, result.best.result.candidate.with_batch(found + 8)) > result.limit_bytes
+
+
+def test_nothing_fits_names_the_knobs():
+    spec = make_spec(batch_size={"min": 1, "max": 64})
+    spec = spec_from_dict({**spec.raw, "memory": {"budget": "1MiB", "margin": 0.9}})
+    land = Landscape()
+    with pytest.raises(SearchError) as info:
+        tune(spec, runner=land)
+    message = str(info.value)
+    assert "nothing fits" in message
+    assert "checkpoint" in message and "precision" in message and "budget" in message
+
+
+def test_fits_only_at_batch_one():
+    spec = make_spec(batch_size={"min": 1, "max": 64})
+    land = Landscape()
+    one = land.peak(spec, Candidate(batch_size=1, input_size=0))
+    two = land.peak(spec, Candidate(batch_size=2, input_size=0))
+    budget = int((one + two) / 2 / 0.9)
+    spec = spec_from_dict({**spec.raw, "memory": {"budget": budget, "margin": 0.1}})
+    result = tune(spec, runner=land)
+    assert result.best.result.candidate.batch_size == 1
+    assert (2, 0, "fp32", 0, 1) in land.calls
+
+
+def test_user_error_stops_search_with_real_message():
+    spec = make_spec()
+    probe = Landscape()
+    tune(spec, runner=probe)
+    predicted = probe.calls[0][0]
+    land = Landscape(fail_at=predicted)
+    with pytest.raises(TrialError, match="mat1 and mat2"):
+        tune(spec, runner=land)
+    assert len(land.calls) == 1
+
+
+def test_verification_failure_steps_down():
+    spec = make_spec()
+
+    class FlakyAtLong(Landscape):
+        def __call__(self, spec, candidate, *, limit_bytes, steps, device):
+            result = super().__call__(spec, candidate, limit_bytes=limit_bytes, steps=steps, device=device)
+            if steps == spec.search.verify_steps and not getattr(self, "failed", False):
+                self.failed = True
+                return TrialResult(candidate=candidate, status=TrialStatus.OOM, message="late oom",
+                                   limit_bytes=limit_bytes)
+            return result
+
+    land = FlakyAtLong()
+    result = tune(spec, runner=land)
+    first = land.calls[0][0]
+    assert result.best.result.candidate.batch_size == first - 1
+    assert result.notes and "stepping down" in result.notes[0]
+
+
+def test_three_axis_search_uses_fewer_trials_than_combinations():
+    spec = make_spec(input_size=None) if False else make_spec(
+        precision=["fp32", "bf16", "fp16"], checkpoint_segments=[0, 1, 2])
+    raw = dict(spec.raw)
+    raw["model"] = {"_target_": "autofit.zoo.gpt", "vocab_size": 64, "block_size": 32, "n_layer": 2,
+                    "n_head": 2, "n_embd": 32}
+    raw["data"] = {"kind": "tokens", "vocab_size": 64, "seq_len": 32}
+    raw["search"] = {**raw["search"], "input_size": [8, 16, 32]}
+    raw["memory"] = {"budget": "16MiB", "margin": 0.1}
+    spec = spec_from_dict(raw)
+    land = Landscape()
+    result = tune(spec, runner=land)
+    assert len(land.calls) < 27
+    # the winner is the setting with the largest true max batch
+    best = result.best.result.candidate
+    assert best.input_size == 8
+    assert land.peak(spec, best) <= result.limit_bytes
+    assert land.peak(spec, best.with_batch(best.batch_size + 1)) > result.limit_bytes
+    front = result.pareto()
+    assert set(front) == {"fp32", "bf16", "fp16"}
+
+
+def test_max_input_size_objective_picks_largest_fitting_size():
+    raw = dict(make_spec().raw)
+    raw["model"] = {"_target_": "autofit.zoo.gpt", "vocab_size": 64, "block_size": 64, "n_layer": 2,
+                    "n_head": 2, "n_embd": 32}
+    raw["data"] = {"kind": "tokens", "vocab_size": 64, "seq_len": 16}
+    raw["search"] = {**raw["search"], "objective": "max_input_size", "input_size": [16, 32, 64],
+                     "batch_size": {"min": 8, "max": 64}}
+    land = Landscape()
+    spec = spec_from_dict(raw)
+    c32 = land.peak(spec, Candidate(batch_size=8, input_size=32))
+    c64 = land.peak(spec, Candidate(batch_size=8, input_size=64))
+    budget = int((c32 + c64) / 2 / 0.9)  # 32 fits at batch 8, 64 does not
+    raw["memory"] = {"budget": budget, "margin": 0.1}
+    spec = spec_from_dict(raw)
+    result = tune(spec, runner=land)
+    assert result.best.result.candidate.input_size == 32
+    assert result.best.result.candidate.batch_size == 8
+
+
+def test_max_throughput_objective_picks_fastest_measured():
+    raw = dict(make_spec().raw)
+    raw["search"] = {**raw["search"], "objective": "max_throughput", "precision": ["fp32", "bf16"]}
+    spec = spec_from_dict(raw)
+    # bf16 made artificially 3x faster: it must win although its batch is not larger
+    land = Landscape(speed=lambda c: (300.0 if c.precision == "bf16" else 100.0))
+    result = tune(spec, runner=land)
+    assert result.best.result.candidate.precision == "bf16"
+    assert result.best.result.fits
+
+
+def test_resume_repeats_no_trial(tmp_path: Path):
+    spec = make_spec()
+    first = Landscape(interrupt_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(spec, out_dir=tmp_path, runner=first)
+    assert len(first.calls) == 1
+    second = Landscape()
+    result = tune(spec, out_dir=tmp_path, resume=True, runner=second)
+    assert first.calls[0] not in second.calls
+    assert [r.resumed for r in result.trials][0] is True
+    assert len(second.calls) == 2  # the step above and the verification only
+    assert (tmp_path / "study.journal").exists()
+
+
+def test_pinner_bisects_without_prediction():
+    spec = make_spec(batch_size={"min": 1, "max": 100})
+    pinner = BatchPinner(spec, (0, "fp32", 0), None, 1000)
+    seen = []
+    while pinner.next is not None:
+        b = pinner.next
+        seen.append(b)
+        fits = b <= 37
+        result = TrialResult(candidate=pinner.candidate(b),
+                             status=TrialStatus.FITS if fits else TrialStatus.OOM,
+                             memory=MemoryBreakdown(peak_bytes=b * 10))
+        pinner.observe(b, result)
+        assert len(seen) < 20
+    assert pinner.best_fit == 37 and pinner.first_fail == 38
