@@ -180,6 +180,8 @@ def plot_batch_curve(results: dict[str, Any], path: str | Path) -> str:
         key, curve = next(iter(curves.items()))
     if curve is None:
         return f"skipped {name}: no predicted curve for setting {key or '?'} in the results"
+    if isinstance(curve.get("curve"), dict):  # MaxBatchEstimate.to_dict(): the line inside
+        curve = curve["curve"]
     fig, ax = _figure(9.0, 5.5)
     intercept = float(curve.get("intercept_bytes", 0.0))
     slope = float(curve.get("slope_bytes_per_sample", 0.0))

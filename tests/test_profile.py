@@ -213,7 +213,7 @@ def test_what_if_on_mlp(mlp_spec: ExperimentSpec) -> None:
 # --------------------------------------------------------------------------- plots
 
 
-def _tune_results(tmp: Path | None = None) -> dict[str, Any]:
+def _tune_results() -> dict[str, Any]:
     mib = 2**20
     trial = {"config": {"batch_size": 0, "input_size": 32, "precision": "fp32",
                         "checkpoint_segments": 0}, "status": "fits",
@@ -256,6 +256,12 @@ def test_plots_written(tmp_path: Path, gpt_profile: Any) -> None:
     assert note == "wrote peak_vs_batch.png"
     assert (tmp_path / "peak_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "peak_vs_batch.png").stat().st_size > 1000
+    # tune writes each curve as MaxBatchEstimate.to_dict(), the line under "curve"
+    nested = _tune_results()
+    nested["curves"] = {k: {"batch_size": 48, "curve": v, "traces": 4}
+                        for k, v in nested["curves"].items()}
+    assert plot_batch_curve(nested, tmp_path / "nested.png") == "wrote nested.png"
+    assert (tmp_path / "nested.png").stat().st_size > 1000
     empty = plot_batch_curve({"curves": {}, "best": None}, tmp_path / "none.png")
     assert empty.startswith("skipped") and not (tmp_path / "none.png").exists()
 
