@@ -65,7 +65,7 @@ def _timeline_arrays(profile: Any) -> tuple[list[int], list[int]]:
 
 
 def _lines(ax: Any, peak: float, scale: float, unit: str,
-           lines: list[tuple[str, float | None, str, str]]) -> list[str]:
+           lines: list[tuple[str, Any, str, str]]) -> list[str]:
     """Draw horizontal reference lines within scale; return notes for the ones off scale."""
     off = []
     for label, value, color, style in lines:
@@ -200,8 +200,9 @@ def plot_batch_curve(results: dict[str, Any], path: str | Path) -> str:
     # crosses the budget; boundary traces far above it (the search clamps overshooting guesses
     # to the spec's max batch) would squash the plot, so they are only counted in the legend.
     focus = list(batches[len(points):])
-    if not best and slope > 0 and (budget or limit):
-        focus.append(int(((budget or limit) - intercept) / slope))
+    cap = budget or limit
+    if not best and slope > 0 and cap:
+        focus.append(int((cap - intercept) / slope))
     x_max = max((focus or [b for b, _ in points]) + [1]) * 1.2
     beyond = [p for p in points if p[0] > x_max]
     points = [p for p in points if p[0] <= x_max]

@@ -427,7 +427,7 @@ def inplace_activations(_autofit_target: str, _autofit_kwargs: dict[str, Any]) -
 
     model = import_object(_autofit_target, "model")(**_autofit_kwargs)
     for module in _inplace_candidates(model):
-        module.inplace = True
+        setattr(module, "inplace", True)  # noqa: B010
     return model
 
 

@@ -1,0 +1,368 @@
+"""Benchmark: predicted peak memory (fake-tensor trace) vs the real training step.
+
+Usage::
+
+    python scripts/bench_estimate.py            # every zoo case x fp32/bf16/fp16 x 0/2 segments
+    python scripts/bench_estimate.py --quick    # fp32 only (< 2 min on 2 cores)
+    python scripts/bench_estimate.py --markdown out/bench_estimate.md
+
+Issue targets (figures are printed, never asserted): predicted peak within 3% of the measured
+real step for every row; ``estimate`` < 2 s per shipped config; it finishes for a > 1B-param
+config without allocating that config's memory.
+
+Columns of the main table (one row per case x precision x checkpoint segments, fixed batch):
+
+* ``predicted``: ``autofit.predict.estimate(spec, candidate, CPU)``, run in this process on
+  fake tensors (``trace s`` is its ``trace_time_s``).
+* ``tracker``: the same ``TrainingJob`` on real CPU tensors for 3 steps under
+  ``MemoryTracker`` with parameters and buffers tracked first (what the tests and the CPU
+  trials measure); its ``peak_bytes``.
+* ``profiler``: an independent measurement. A fresh ``TrainingJob`` runs the same 3 steps under
+  ``torch.profiler.profile(activities=[CPU], profile_memory=True)``. The raw profiler records
+  (``prof.profiler.kineto_results.events()``) contain one ``[memory]`` record per CPU allocator
+  call, with ``nbytes()`` (> 0 allocation, < 0 free) and ``start_ns()``. (``prof.events()``
+  folds most of these into the ops' ``cpu_memory_usage``, so its ``[memory]`` rows are only the
+  allocations made outside any op and cannot give a peak.) The records are sorted by time and
+  summed; the peak of that running sum is the most the steps had allocated at once. Tensors
+  allocated before the profiler started (parameters and buffers, each storage once) are added;
+  frees of such tensors are reported by the CPU allocator with 0 bytes, so they do not
+  disturb the sum. This counts every c10 CPU allocation, including workspace buffers that are
+  not tensor outputs (which ``MemoryTracker`` cannot see).
+* ``RSS delta``: ``ru_maxrss`` of the measuring process after the tracker's 3 steps minus
+  before the job was built (the process is forked fresh per row, so its high-water mark
+  starts low). Includes params, malloc slack, and library pages touched on first use.
+* ``err``: (predicted - measured) / measured.
+* ``naive``: ``autofit.predict.naive_estimate_bytes`` (4 x params + 2 x leaf-module outputs).
+
+Real steps run in processes forked from a helper forked at start-up, before this process
+runs any torch op: OpenMP (the ATen CPU backend) is not fork-safe once its thread pool is
+up, and the fake-tensor traces run in this process.
+
+The summary ends with ``estimate`` wall time for each shipped config (``configs/*.yaml``) at
+``search.batch_size.min`` (largest input size, first precision and segment count, like
+``autofit estimate``), with the CPU device model (CUDA_DEFAULT for ``device: cuda``
+configs), measured in a fresh forked process: ``cold`` is the first call there, ``warm`` the
+second; ``peak RSS`` is that process's ``ru_maxrss``, against the predicted peak it never
+allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402  - imported (never run) before the fork helper starts
+
+from _zoo_cases import (  # noqa: E402
+    Report,
+    case,
+    case_names,
+    fmt_mib,
+    machine_line,
+    markdown_table,
+    with_budget,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASURE_STEPS = 3
+
+
+# --------------------------------------------------------------------------- fork helper
+
+
+class ForkRunner:
+    """Runs functions in processes forked from a helper that never ran a torch op."""
+
+    def __init__(self) -> None:
+        self._conn, server_conn = multiprocessing.Pipe()
+        pid = os.fork()
+        if pid == 0:  # the helper
+            self._conn.close()
+            _serve(server_conn)
+        server_conn.close()
+        self.pid = pid
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        self._conn.send((fn, args))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+            os.waitpid(self.pid, 0)
+        except (OSError, ChildProcessError, BrokenPipeError):
+            pass
+
+
+def _serve(conn: Any) -> None:
+    code = 0
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:
+                break
+            if request is None:
+                break
+            fn, args = request
+            reader, writer = multiprocessing.Pipe(duplex=False)
+            pid = os.fork()
+            if pid == 0:  # one measurement
+                reader.close()
+                try:
+                    out: tuple[bool, Any] = (True, fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    out = (False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}")
+                writer.send(out)
+                os._exit(0)
+            writer.close()
+            try:
+                out = reader.recv()
+            except EOFError:
+                out = (False, "the measurement process died without a result")
+            reader.close()
+            os.waitpid(pid, 0)
+            conn.send(out)
+    except BaseException:  # noqa: BLE001
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[str, Any]:
+    """In a fresh process: tracker peak, RSS delta, profiler peak of ``steps`` real steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from autofit.candidate import Candidate
+    from autofit.memory import MemoryTracker, PhaseHooks
+    from autofit.spec import spec_from_dict
+    from autofit.step import TrainingJob
+
+    spec = spec_from_dict(raw)
+    candidate = Candidate.from_dict(cand)
+    cpu = torch.device("cpu")
+
+    rss0 = _maxrss_bytes()
+    tracker = MemoryTracker()
+    job = TrainingJob(spec, candidate, cpu, hooks=PhaseHooks(tracker))
+    for tensor in job.parameters_and_buffers():
+        tracker.track(tensor, "params")
+    t0 = time.perf_counter()
+    with tracker:
+        for _ in range(steps):
+            job.run_step()
+    step_s = (time.perf_counter() - t0) / steps
+    rss1 = _maxrss_bytes()
+    out = {"tracker_peak": tracker.peak_bytes, "tracker_phase": tracker.peak_phase,
+           "tracker_step": tracker.peak_step, "rss_delta": rss1 - rss0, "step_s": step_s}
+    del job, tracker
+    gc.collect()
+
+    job = TrainingJob(spec, candidate, cpu)
+    seen: set[int] = set()
+    before = 0
+    for tensor in job.parameters_and_buffers():
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            before += storage.nbytes()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(devnull, 2)  # kineto prints profiler_start/stop lines on stderr
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for _ in range(steps):
+                job.run_step()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    records = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    records.sort(key=lambda r: r[0])  # stable: ties keep the recorded order
+    running = peak = 0
+    for _, nbytes in records:
+        running += nbytes
+        peak = max(peak, running)
+    out.update(profiler_peak=before + peak, profiler_records=len(records))
+    return out
+
+
+def time_config(path: str) -> dict[str, Any]:
+    """In a fresh process: cold and warm ``estimate`` of a shipped config, and peak RSS."""
+    from autofit.candidate import Candidate
+    from autofit.device_model import CPU, CUDA_DEFAULT
+    from autofit.predict import estimate
+    from autofit.spec import load_spec
+
+    spec = load_spec(path)
+    model = CUDA_DEFAULT if spec.device.startswith("cuda") else CPU
+    s = spec.search
+    cand = Candidate(batch_size=s.batch_size.min, input_size=spec.input_sizes[-1],
+                     precision=s.precisions[0], checkpoint_segments=s.checkpoint_segments[0])
+    rss0 = _maxrss_bytes()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        est = estimate(spec, cand, model)
+        times.append(time.perf_counter() - t0)
+    return {"label": cand.label(), "device_kind": model.kind, "cold_s": times[0],
+            "warm_s": times[1], "params": est.param_count, "peak": est.peak_bytes,
+            "rss0": rss0, "rss": _maxrss_bytes()}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def err_pct(pred: float, ref: float) -> float:
+    return (pred - ref) / ref * 100.0 if ref else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fp32 rows only (< 2 min)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH")
+    parser.add_argument("--batch", type=int, default=8, help="batch size of every row (8)")
+    parser.add_argument("--cases", default=",".join(case_names()),
+                        help="comma-separated zoo cases (default: all)")
+    args = parser.parse_args()
+
+    runner = ForkRunner()  # before any torch op runs here
+    started = time.perf_counter()
+    out = Report()
+    try:
+        _run(args, runner, out)
+    finally:
+        runner.close()
+    out(f"\ntotal wall time: {time.perf_counter() - started:.1f} s")
+    out.write(args.markdown)
+
+
+def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
+    from autofit.candidate import Candidate
+    from autofit.device_model import CPU
+    from autofit.predict import estimate, naive_estimate_bytes
+    from autofit.spec import spec_from_dict
+
+    precisions = ["fp32"] if args.quick else ["fp32", "bf16", "fp16"]
+    segments = [0, 2]
+    names = [n for n in args.cases.split(",") if n]
+    out("# bench_estimate: predicted vs measured peak of one training step")
+    out()
+    out(machine_line())
+    out(f"rows: {', '.join(names)} x {'/'.join(precisions)} x segments {segments}, "
+        f"batch {args.batch}; measured over {MEASURE_STEPS} real steps; MiB = 2**20 bytes")
+    out()
+
+    # warm the fake-tensor machinery once so the first row's trace time is not the cold start
+    t0 = time.perf_counter()
+    warm_spec = spec_from_dict(with_budget(case("mlp")))
+    estimate(warm_spec, Candidate(batch_size=1, input_size=0), CPU)
+    cold_first = time.perf_counter() - t0
+
+    header = ["case", "prec", "seg", "predicted MiB", "tracker MiB", "err", "profiler MiB",
+              "err vs prof", "RSS delta MiB", "trace s", "naive MiB", "naive err", "peak phase"]
+    rows: list[list[Any]] = []
+    errs_tracker: list[float] = []
+    errs_prof: list[float] = []
+    errs_naive: list[float] = []
+    trace_times: list[float] = []
+    for name in names:
+        raw = with_budget(case(name))
+        spec = spec_from_dict(raw, f"<{name}>")
+        for precision in precisions:
+            for seg in segments:
+                cand = Candidate(batch_size=args.batch, input_size=spec.default_input_size,
+                                 precision=precision, checkpoint_segments=seg)
+                est = estimate(spec, cand, CPU)
+                naive = naive_estimate_bytes(spec, cand)
+                try:
+                    real = runner.call(measure_real, raw, cand.to_dict(), MEASURE_STEPS)
+                except RuntimeError as exc:
+                    out(f"{name} {precision} seg={seg}: measurement failed: {str(exc).splitlines()[0]}")
+                    continue
+                e_t = err_pct(est.peak_bytes, real["tracker_peak"])
+                e_p = err_pct(est.peak_bytes, real["profiler_peak"])
+                e_n = err_pct(naive, real["tracker_peak"])
+                errs_tracker.append(e_t)
+                errs_prof.append(e_p)
+                errs_naive.append(e_n)
+                trace_times.append(est.trace_time_s)
+                row = [name, precision, seg, fmt_mib(est.peak_bytes), fmt_mib(real["tracker_peak"]),
+                       f"{e_t:+.2f}%", fmt_mib(real["profiler_peak"]), f"{e_p:+.2f}%",
+                       fmt_mib(real["rss_delta"]), f"{est.trace_time_s:.2f}", fmt_mib(naive),
+                       f"{e_n:+.1f}%",
+                       f"{est.breakdown.peak_phase}/{real['tracker_phase']}"]
+                rows.append(row)
+                print(f"  {name:7s} {precision} seg={seg}: predicted {fmt_mib(est.peak_bytes)} MiB, "
+                      f"tracker {fmt_mib(real['tracker_peak'])}, profiler "
+                      f"{fmt_mib(real['profiler_peak'])} (real step {real['step_s']:.2f} s)",
+                      flush=True)
+    out()
+    out(markdown_table(header, rows))
+    out()
+    out("peak phase: predicted/measured phase of the peak. err: (predicted - measured) / measured.")
+    out()
+
+    # ---- shipped configs
+    configs = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
+    cfg_rows = []
+    cfg_summary = []
+    for path in configs:
+        try:
+            r = runner.call(time_config, path)
+        except RuntimeError as exc:
+            out(f"{Path(path).name}: estimate failed: {str(exc).splitlines()[0]}")
+            continue
+        cfg_rows.append([Path(path).name, r["label"], r["device_kind"], f"{r['params'] / 1e6:,.1f}M",
+                         fmt_mib(r["peak"]), f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}",
+                         fmt_mib(r["rss"])])
+        cfg_summary.append(f"{Path(path).stem} {r['cold_s']:.2f}/{r['warm_s']:.2f} s"
+                           + (f" ({r['params'] / 1e9:.2f}B params, predicted "
+                              f"{r['peak'] / 2**30:.1f} GiB, peak RSS {r['rss'] / 2**20:.0f} MiB)"
+                              if r["params"] > 1e9 else ""))
+    out("## estimate time per shipped config (batch = search.batch_size.min)")
+    out()
+    out(markdown_table(["config", "candidate", "model", "params", "predicted MiB", "cold s",
+                        "warm s", "peak RSS MiB"], cfg_rows))
+    out()
+    out("cold: first estimate in a fresh process (torch and autofit imported); warm: second call. "
+        "peak RSS: ru_maxrss of that process (it never allocates the predicted bytes).")
+    out()
+
+    def mx(values: list[float]) -> str:
+        return f"{max(abs(v) for v in values):.2f}%" if values else "-"
+
+    mean_naive = sum(abs(v) for v in errs_naive) / len(errs_naive) if errs_naive else float("nan")
+    out(f"summary: {len(rows)} rows; max |error| vs tracker {mx(errs_tracker)}, "
+        f"vs profiler {mx(errs_prof)}; naive formula mean |error| {mean_naive:.1f}% "
+        f"(max {mx(errs_naive)}); trace time per row median "
+        f"{sorted(trace_times)[len(trace_times) // 2] if trace_times else float('nan'):.2f} s "
+        f"(first trace in this process {cold_first:.2f} s); estimate cold/warm per config: "
+        + "; ".join(cfg_summary))
+
+
+if __name__ == "__main__":
+    main()
