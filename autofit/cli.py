@@ -10,7 +10,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from autofit.cli_profile import profile
 from autofit.errors import AutofitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -230,7 +232,7 @@ def tune(
         for line in summarize_plan(plan) + targets_lines(result.targets):
             out.print(line)
         out.print(f"wrote {path / 'results.json'}, {path / 'tuned.yaml'} and "
-                  f"{len(written)} export files in {path}" + (f"; {plot_note}" if plot_note else ""))
+                  f"{len(written)} export files in {path}" + (f"; {escape(plot_note)}" if plot_note else ""))
     except AutofitError as exc:
         _fail(exc)
 
@@ -262,6 +264,9 @@ def export(
         _fail(exc)
     for path in written:
         out.print(f"wrote {path}")
+
+
+app.command()(profile)
 
 
 def main() -> None:

@@ -25,6 +25,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+_aten = torch.ops.aten
+_BLAS_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.matmul, _aten.linear,
+             _aten._scaled_dot_product_efficient_attention,
+             _aten._scaled_dot_product_flash_attention_for_cpu}
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
 PHASES = ("setup", "data", "forward", "backward", "optimizer", "zero_grad")
 
@@ -137,6 +141,8 @@ class MemoryTracker(TorchDispatchMode):
         self._module_names: dict[int, str] = {}
         self.modules: dict[str, ModuleRecord] = {}
         self.forward_end_seq: dict[int, int] = {}
+        self.uses_blas = False
+        """Whether the step ran matrix products (CUDA: cuBLAS allocates its workspace)."""
 
     # ----------------------------------------------------------------- bookkeeping
     def _round(self, nbytes: int) -> int:
@@ -197,6 +203,8 @@ class MemoryTracker(TorchDispatchMode):
             self.timeline.append(TimelinePoint(self.seq, self.live_bytes, self.phase, self.step, ""))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not self.uses_blas and func.overloadpacket in _BLAS_OPS:
+            self.uses_blas = True
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):

@@ -52,6 +52,7 @@ class MemoryEstimate:
     trace_time_s: float
     param_count: int
     layers: list[LayerRow] = field(default_factory=list)
+    uses_blas: bool = False
 
     @property
     def peak_bytes(self) -> int:
@@ -120,13 +121,13 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer)
     breakdown = tracker.breakdown()
     traced = breakdown.peak_bytes
-    reserved = model.reserved(traced)
+    reserved = model.reserved(traced, tracker.uses_blas)
     breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
     layers = _layer_rows(tracker.modules) if per_layer else []
     return MemoryEstimate(
         candidate=candidate, breakdown=breakdown, device_kind=model.kind,
-        allocated_bytes=model.allocated(traced), reserved_bytes=reserved,
-        trace_time_s=seconds, param_count=params, layers=layers,
+        allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
+        trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
     )
 
 

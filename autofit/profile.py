@@ -249,9 +249,9 @@ def _assemble(tracker: MemoryTracker, candidate: Candidate, device_model: Device
     breakdown = tracker.breakdown()
     traced = tracker.peak_bytes
     if allocated is None:
-        allocated = device_model.allocated(traced) if device_model.kind == "cuda" else traced
+        allocated = device_model.allocated(traced, tracker.uses_blas)
     if reserved is None:
-        reserved = device_model.reserved(traced)
+        reserved = device_model.reserved(traced, tracker.uses_blas)
     if device_model.kind == "cuda":
         breakdown.reserved_bytes = reserved
     notes = []

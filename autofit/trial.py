@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
-import subprocess
 import os
+import select
 import signal
+import subprocess
 import sys
 import tempfile
 import time

@@ -107,6 +107,8 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
             spec = dataclasses.replace(spec, source_path=request["source"])
         candidate = Candidate.from_dict(request["candidate"])
         device = torch.device(request["device"])
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         limit = request.get("limit_bytes")
         result["device"] = _device_info(device)
         result["limit_bytes"] = limit

@@ -28,9 +28,11 @@ Columns of the main table (one row per case x precision x checkpoint segments, f
   frees of such tensors are reported by the CPU allocator with 0 bytes, so they do not
   disturb the sum. This counts every c10 CPU allocation, including workspace buffers that are
   not tensor outputs (which ``MemoryTracker`` cannot see).
-* ``RSS delta``: ``ru_maxrss`` of the measuring process after the tracker's 3 steps minus
-  before the job was built (the process is forked fresh per row, so its high-water mark
-  starts low). Includes params, malloc slack, and library pages touched on first use.
+* ``RSS delta``: growth of the measuring process's ``ru_maxrss`` over building the job and
+  the tracker's 3 steps. The process (forked fresh per row) first runs one untracked step at
+  batch 1, frees it, calls ``malloc_trim`` and resets the high-water mark (Linux
+  ``/proc/self/clear_refs`` = 5), so kernel code pages and thread pools are not counted.
+  Includes params, malloc slack and oneDNN scratch buffers; page granularity.
 * ``err``: (predicted - measured) / measured.
 * ``naive``: ``autofit.predict.naive_estimate_bytes`` (4 x params + 2 x leaf-module outputs).
 
@@ -63,7 +65,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402  - imported (never run) before the fork helper starts
-
 from _zoo_cases import (  # noqa: E402
     Report,
     case,
@@ -147,6 +148,22 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _trim_and_reset_rss() -> bool:
+    """Return freed heap to the OS and reset the RSS high-water mark (Linux: clear_refs 5)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- measurements
 
 
@@ -164,6 +181,13 @@ def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[
     candidate = Candidate.from_dict(cand)
     cpu = torch.device("cpu")
 
+    # one untracked warm-up step at batch 1 pages in the kernels' code and thread pools;
+    # then the high-water mark is reset so the delta is the measured steps' own growth
+    warm = TrainingJob(spec, candidate.with_batch(1), cpu)
+    warm.run_step()
+    del warm
+    gc.collect()
+    _trim_and_reset_rss()
     rss0 = _maxrss_bytes()
     tracker = MemoryTracker()
     job = TrainingJob(spec, candidate, cpu, hooks=PhaseHooks(tracker))

@@ -79,7 +79,7 @@ def part_a(quick: bool) -> list[dict]:
     emit("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     precisions = ["fp32", "bf16"] if quick else ["fp32", "bf16", "fp16"]
-    for name, (_, data, batch) in CASES.items():
+    for name, (_, _data, batch) in CASES.items():
         spec = make_spec(name)
         size = spec.default_input_size
         for precision in precisions:
@@ -100,7 +100,7 @@ def part_a(quick: bool) -> list[dict]:
                 row = dict(model=name, precision=precision, seg=seg, batch=batch, traced=traced,
                            pred_alloc=est.allocated_bytes, alloc=alloc,
                            pred_reserved=est.reserved_bytes, reserved=reserved,
-                           trace_s=est.trace_time_s,
+                           trace_s=est.trace_time_s, blas=est.uses_blas,
                            traced_real=res.extra.get("traced_peak_bytes"))
                 rows.append(row)
                 emit(f"| {name} | {precision} | {seg} | {batch} | {traced / GiB:.3f} | "
@@ -113,17 +113,22 @@ def part_a(quick: bool) -> list[dict]:
         errs_r = [abs(r["pred_reserved"] / r["reserved"] - 1) for r in rows]
         emit(f"\nmax |error| allocated {100 * max(errs_a):.2f}% (mean {100 * statistics.mean(errs_a):.2f}%), "
              f"reserved {100 * max(errs_r):.2f}% (mean {100 * statistics.mean(errs_r):.2f}%) over {len(rows)} rows (GiB = 2^30 bytes)")
-        # refit: workspace = median(alloc - traced); fragmentation = median(reserved / alloc - 1)
-        workspace = int(statistics.median(r["alloc"] - r["traced"] for r in rows))
-        frag = statistics.median(r["reserved"] / r["alloc"] - 1 for r in rows)
+        # refit: cuBLAS workspace = median(alloc - traced) over rows whose trace used BLAS,
+        # reserved - allocated = slack + fragmentation * allocated (least squares)
+        blas = [r for r in rows if r["blas"]] or rows
+        workspace = int(statistics.median(r["alloc"] - r["traced"] for r in blas))
+        xs = [r["alloc"] for r in rows]
+        ys = [r["reserved"] - r["alloc"] for r in rows]
+        from autofit.predict import fit_line
+        slack, frag = fit_line(list(zip(xs, ys, strict=True))) if len(rows) > 1 else (ys[0], 0.0)
         name = torch.cuda.get_device_properties(0).name
         model = replace(CUDA_DEFAULT, workspace_bytes=max(0, workspace), fragmentation=max(0.0, frag),
-                        calibrated_on=name, notes={"rows": len(rows)})
+                        slack_bytes=max(0, int(slack)), calibrated_on=name, notes={"rows": len(rows)})
         model.save(OUT / "device_model.json")
-        emit(f"calibrated device model for {name}: workspace {workspace / 2**20:.1f} MiB, "
-             f"fragmentation {100 * frag:.2f}% (written to device_model.json)")
-        errs_a2 = [abs(model.allocated(r["traced"]) / r["alloc"] - 1) for r in rows]
-        errs_r2 = [abs(model.reserved(r["traced"]) / r["reserved"] - 1) for r in rows]
+        emit(f"calibrated device model for {name}: cuBLAS workspace {workspace / 2**20:.1f} MiB, "
+             f"fragmentation {100 * frag:.2f}%, slack {slack / 2**20:.1f} MiB (device_model.json)")
+        errs_a2 = [abs(model.allocated(r["traced"], r["blas"]) / r["alloc"] - 1) for r in rows]
+        errs_r2 = [abs(model.reserved(r["traced"], r["blas"]) / r["reserved"] - 1) for r in rows]
         emit(f"with calibration: max |error| allocated {100 * max(errs_a2):.2f}%, reserved {100 * max(errs_r2):.2f}% "
              f"(fitted on the same rows: an in-sample figure)\n")
     return rows
@@ -174,7 +179,7 @@ def part_b(quick: bool) -> None:
     emit(f"| autofit | {best} | {result.real_trials} | {steps} | {autofit_s:.1f} | yes | yes (verified over {spec.search.verify_steps} steps) |")
     script = OUT / "_lightning_anchor.py"
     script.write_text(LIGHTNING_SCRIPT)
-    for mode in (["binsearch"] if quick else ["binsearch", "power"]):
+    for mode in ("binsearch", "power"):
         try:
             proc = subprocess.run([sys.executable, str(script), str(ROOT), mode, str(cap), str(total), "512"],
                                   capture_output=True, text=True, timeout=240)
