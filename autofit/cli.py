@@ -213,10 +213,19 @@ def tune(
                 result = run_tune(spec, out_dir=path, resume=resume, storage=storage,
                                   on_trial=lambda r: log.print(trial_line(r)),
                                   on_event=lambda m: log.print(f"[dim]{m}[/dim]"))
-            except KeyboardInterrupt:
-                err.print(f"[yellow]interrupted[/yellow]: finished trials are kept in {path}; "
-                          f"continue with: autofit tune {spec_path} --out {path} --resume")
-                raise typer.Exit(code=130) from None
+            except (AutofitError, KeyboardInterrupt) as exc:
+                partial = getattr(exc, "partial", None)
+                if partial is not None and partial.trials:
+                    data = partial.to_dict()
+                    data["error"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+                    write_results(path, data)
+                    err.print(f"{len(partial.trials)} finished trial(s) kept in {path / 'results.json'} "
+                              f"and {path / 'study.journal'}; continue with: "
+                              f"autofit tune {spec_path} --out {path} --resume")
+                if isinstance(exc, KeyboardInterrupt):
+                    err.print("[yellow]interrupted[/yellow]")
+                    raise typer.Exit(code=130) from None
+                raise
             data = result.to_dict()
             write_results(path, data)
             written = write_exports(data, path)

@@ -90,15 +90,19 @@ def calibration_path(gpu_name: str) -> Path:
     return root / f"device_model_{safe}.json"
 
 
+SHIPPED = Path(__file__).parent / "calibrations"
+
+
 def device_model_for(kind: str, gpu_name: str = "") -> DeviceModel:
-    """The model for a device kind, calibrated for this GPU name when a file exists."""
+    """The model for a device kind: the user's calibration for this GPU name, else a shipped
+    one (``autofit/calibrations/``), else the defaults."""
     if kind != "cuda":
         return CPU
     if gpu_name:
-        path = calibration_path(gpu_name)
-        if path.exists():
-            try:
-                return DeviceModel.load(path)
-            except (OSError, ValueError, TypeError):
-                pass
+        for path in (calibration_path(gpu_name), SHIPPED / calibration_path(gpu_name).name.replace("device_model_", "")):
+            if path.exists():
+                try:
+                    return DeviceModel.load(path)
+                except (OSError, ValueError, TypeError):
+                    continue
     return CUDA_DEFAULT

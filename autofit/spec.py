@@ -181,8 +181,11 @@ class _Problems:
             key = key[:-1]
         line = self.lines.get(key)
         where = f"{self.source}:{line}: " if line else f"{self.source}: "
-        dotted = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path)
+        dotted = ".".join(
+            f"[{p}]" if isinstance(p, int) else (str(p) if str(p).isprintable() and str(p).strip() and "." not in str(p) else repr(p))
+            for p in path)
         dotted = dotted.replace(".[", "[")
+        message = message.replace("\n", "\\n").replace("\r", "\\r")
         self.items.append(f"{where}{dotted or '(top level)'}: {message}")
 
 
@@ -503,6 +506,12 @@ def _load_output(p: _Problems, raw: dict) -> OutputSpec:
     _check_keys(p, ("output", "slurm"), slurm, ("partition", "time", "cpus_per_task", "account",
                                                 "job_name", "mem"))
     _check_keys(p, ("output", "lsf"), lsf, ("queue", "walltime", "project", "job_name"))
+    # YAML reads an unquoted 24:00:00 as a base-60 integer (86400), which Slurm would take as
+    # minutes: durations must be quoted strings
+    for section, key, mapping in (("slurm", "time", slurm), ("lsf", "walltime", lsf)):
+        if key in mapping and not isinstance(mapping[key], str):
+            p.add(("output", section, key),
+                  f"must be a quoted string like \"24:00:00\", got {mapping[key]!r} (YAML read it as a number)")
     train_command = o.get("train_command", "train.py --config tuned.yaml")
     if not isinstance(train_command, str) or not train_command.strip():
         p.add(("output", "train_command"), f"must be a non-empty string, got {train_command!r}")

@@ -544,19 +544,32 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
             best = _search_throughput(spec, settings, predictions, summaries, ledger, plan, say, study)
         if best is not None and s.verify_steps > 0:
             best = _verify(spec, best, summaries, ledger, plan, notes, say)
-    except KeyboardInterrupt:
+    except (AutofitError, KeyboardInterrupt) as exc:
+        # nothing measured is lost: the caller can write what finished (the study has it too)
+        exc.partial = _partial(spec, plan, strategy, ledger, summaries, notes, predict_s,  # type: ignore[union-attr]
+                               predictions, started)
         raise
+    result = _partial(spec, plan, strategy, ledger, summaries, notes, predict_s, predictions, started)
     if best is None:
-        raise SearchError(_nothing_fits_message(spec, plan, settings))
-    result = TuneResult(
-        spec=spec, device=plan.device_info, budget_bytes=plan.budget_bytes,
-        limit_bytes=plan.limit_bytes, strategy=strategy, best=best, trials=list(ledger.records),
-        settings=list(summaries.values()), notes=notes, predict_s=predict_s,
-        curves={f"{k[0]}/{k[1]}/{k[2]}": v.to_dict() for k, v in predictions.items()},
-    )
+        error = SearchError(_nothing_fits_message(spec, plan, settings))
+        error.partial = result  # type: ignore[attr-defined]
+        raise error
+    result.best = best
     result.targets = _targets(spec, best, plan)
     result.wall_time_s = time.perf_counter() - started
     return result
+
+
+def _partial(spec: ExperimentSpec, plan: Plan, strategy: str, ledger: Ledger,
+             summaries: dict[Setting, SettingSummary], notes: list[str], predict_s: float,
+             predictions: dict[Setting, MaxBatchEstimate], started: float) -> TuneResult:
+    return TuneResult(
+        spec=spec, device=plan.device_info, budget_bytes=plan.budget_bytes,
+        limit_bytes=plan.limit_bytes, strategy=strategy, best=None, trials=list(ledger.records),
+        settings=list(summaries.values()), notes=notes, predict_s=predict_s,
+        curves={f"{k[0]}/{k[1]}/{k[2]}": v.to_dict() for k, v in predictions.items()},
+        wall_time_s=time.perf_counter() - started,
+    )
 
 
 def _nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Setting]) -> str:

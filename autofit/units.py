@@ -7,6 +7,7 @@ binary sizes for others, so output always labels which one it shows.
 
 from __future__ import annotations
 
+import math
 import re
 
 _DECIMAL = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -19,19 +20,19 @@ def parse_bytes(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a size like '24GB' or '16GiB', got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"size must be >= 0, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"size must be a finite number >= 0, got {value!r}")
         return int(value)
     match = _PATTERN.match(str(value))
     if not match:
         raise ValueError(f"expected a size like '24GB' or '16GiB', got {value!r}")
     number, unit = float(match.group(1)), match.group(2).lower()
-    if unit in ("", "b"):
-        return int(number)
-    if unit in _DECIMAL:
-        return int(number * _DECIMAL[unit])
-    if unit in _BINARY:
-        return int(number * _BINARY[unit])
+    scale = 1 if unit in ("", "b") else _DECIMAL.get(unit) or _BINARY.get(unit)
+    if scale is not None:
+        total = number * scale
+        if not math.isfinite(total):
+            raise ValueError(f"size {value!r} is too large")
+        return int(total)
     raise ValueError(
         f"unknown unit {match.group(2)!r} in {value!r}; use kB/MB/GB/TB (decimal) or KiB/MiB/GiB/TiB (binary)"
     )

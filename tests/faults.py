@@ -134,3 +134,13 @@ def step(model: nn.Module, batch_size: int, input_size: int, device: torch.devic
     x = torch.randn(batch_size, IN_FEATURES, device=device)
     target = torch.randn(batch_size, OUT_FEATURES, device=device)
     return nn.functional.mse_loss(model(x), target)
+
+
+class Slow(Tiny):
+    """Each forward takes 0.4 s: trials last long enough to be interrupted mid-way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.4)
+        return super().forward(x)

@@ -1,0 +1,627 @@
+"""Benchmark: autofit ``tune`` against the anchors, Lightning's and accelerate's batch finders.
+
+Usage::
+
+    python scripts/bench_anchors.py              # mlp, resnet, vit, gpt (~10 min on 2 cores)
+    python scripts/bench_anchors.py --quick      # mlp and gpt only
+    python scripts/bench_anchors.py --markdown out/bench_anchors.md
+    pip install -e .[bench]                      # lightning + accelerate (the anchors)
+
+Issue targets (printed, never asserted): on every zoo config autofit uses <= 1/4 of Lightning
+binsearch's real training steps; autofit's batch is >= Lightning's and is the true maximum
+under the same margin; autofit never returns a batch it did not run. The cases where an
+anchor returns an unrun or non-fitting batch are listed.
+
+Contenders, each on CPU, fp32, same model, optimizer, loss and synthetic data (the zoo case's
+spec, ``scripts/_zoo_cases.py``) and the same memory limit, budget x (1 - margin) =
+``autofit.tune.plan_limits(spec).limit_bytes``:
+
+* ``autofit``: ``autofit.tune.tune(spec)`` (in-memory study), ``steps_per_trial 3`` (each trial
+  runs 2 warm-up + 3 timed steps in its own forked process) and ``verify_steps 10`` (the
+  winner re-runs 2 + 10 steps). Its trials enforce the limit with
+  ``autofit.memory.MemoryTracker(limit_bytes=...)``.
+* ``Lightning power`` / ``Lightning binsearch``: ``Tuner(trainer).scale_batch_size(model,
+  mode=..., steps_per_trial=3, init_val=2, max_trials=25)`` with the installed version's other
+  defaults (binsearch then shrinks its answer by ``margin=0.05``), ``Trainer(accelerator="cpu",
+  devices=1, max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+  enable_model_summary=False)``. A ``LightningModule`` wraps the zoo model; its
+  ``train_dataloader`` reads ``self.batch_size``.
+* ``accelerate``: ``accelerate.utils.find_executable_batch_size(starting_batch_size=128)``
+  (accelerate's default start) around a function that builds model + optimizer and runs 3
+  training steps from a ``DataLoader`` at the batch it is given; on OOM it retries at
+  ``int(0.9 * batch)``.
+
+Same budget for all. Each anchor runs in a fresh Python process (``--worker``), with the
+wrapped model's parameters and buffers counted first and its whole search inside
+``scripts/_anchor_budget.AllocatorBudgetTracker``: autofit's ``MemoryTracker`` (the same
+live-tensor-byte accounting and limit as autofit's CPU trials), whose OOM is an
+``AllocatorBudgetExceeded``, a subclass of autofit's ``BudgetExceeded`` (so a
+``torch.OutOfMemoryError`` and a ``RuntimeError``) with one message argument that begins
+"DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes; budget of L
+bytes exceeded ...": the words PyTorch's CPU allocator uses when an allocation is refused,
+which is what Lightning's ``is_oom_error`` and accelerate's ``should_reduce_batch_size``
+look for on CPU. The tracker's own message ("CPU memory budget exceeded: ...") matches
+neither, so without this an anchor would stop at its first OOM as if it had crashed. The
+script checks both predicates against both errors at start-up and prints the result. The
+anchors' own code is not patched; Lightning's trial function is wrapped only to record
+which batch each trial ran and how it ended. The anchors' data comes from a map-style dataset
+that makes each sample when it is read (no big tensor whose views would be counted whole).
+
+Columns (one row per case x contender):
+
+* ``trials``: real trials (Lightning: calls of its trial loop; accelerate: calls of the
+  decorated function; autofit: ``TuneResult.real_trials``);
+* ``steps``: training steps started, including a step that ran out of memory (Lightning:
+  ``training_step`` calls; accelerate: batches taken by the loop; autofit: ``steps_run`` of
+  each trial that fit, and warm-up + steps (5) for a trial that ran out of memory, an upper
+  bound: a trial's result does not say in which step it stopped);
+* ``wall s``: the search's wall time (anchors: ``Trainer`` construction + ``scale_batch_size``,
+  or the decorated call; autofit: the ``tune()`` call, predictions and forked trial processes
+  included; autofit's fork server is started before the clock, as the anchors' imports are);
+  ``x autofit``: that over autofit's;
+* ``returned``: the batch the tool returns; ``true max``: the largest batch that fits,
+  from an exhaustive scan (``autofit.trial.run_trial`` at batch 1, 2, 3, ... with 2 warm-up
+  steps and no timed steps, under the same limit, up to the first OOM and 2 more batches
+  above it to check the boundary is monotone);
+* ``ran?``: whether the tool ran the returned batch to completion in its own search (``yes``),
+  only saw it run out of memory (``OOM``) or never ran it (``NO``);
+* ``fits?``: whether the returned batch fits in the reference training step under the limit
+  (from the scan; a batch outside the scan gets its own trial);
+* ``own loop``: the largest batch that completed and the smallest that ran out of memory in
+  the tool's own trials. The anchors' loops hold more than the reference step (Lightning
+  prefetches the next batch), so their boundary can sit below the true max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _early_threads() -> None:
+    """Pin torch threads in this process and every child before torch is imported."""
+    threads = "1"
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            threads = sys.argv[i + 1]
+        elif arg.startswith("--threads="):
+            threads = arg.split("=", 1)[1]
+    if threads != "0":
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = threads
+
+
+_early_threads()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _zoo_cases import (  # noqa: E402
+    Report,
+    case_names,
+    machine_line,
+    markdown_table,
+    spec_of,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MARGIN = 0.10
+BUDGETS: dict[str, str] = {
+    "mlp": "23.8MiB",
+    "resnet": "64MiB",
+    "vit": "75MiB",
+    "gpt": "167MiB",
+}
+"""Per-case budgets (binary MiB) that put the largest fp32 batch at ~25-45. The mlp's peak is
+in the optimizer step (parameters, gradients and AdamW state, ~21.3 MiB) and grows by only
+~3 KiB per sample, so its budget is close to that floor."""
+QUICK = ["mlp", "gpt"]
+SEARCH = {"batch_size": {"min": 1, "max": 65536}, "precision": ["fp32"],
+          "checkpoint_segments": [0], "steps_per_trial": 3, "warmup_steps": 2,
+          "verify_steps": 10}
+ANCHOR_STEPS = 3
+LIGHTNING_INIT = 2
+LIGHTNING_MAX_TRIALS = 25
+ACCELERATE_START = 128
+SCAN_WARMUP = 2
+SCAN_ABOVE = 2
+SCAN_CAP = 1024
+WORKER_TIMEOUT_S = 600
+CONTENDERS = ["autofit", "lightning-power", "lightning-binsearch", "accelerate"]
+LABELS = {"autofit": "autofit", "lightning-power": "Lightning power",
+          "lightning-binsearch": "Lightning binsearch", "accelerate": "accelerate"}
+
+
+def case_spec(name: str) -> Any:
+    return spec_of(name, BUDGETS[name], margin=MARGIN, search=SEARCH)
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for mod in ("lightning", "accelerate"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
+            out[mod] = f"not installed ({type(exc).__name__})"
+    return out
+
+
+# --------------------------------------------------------------------------- anchor side
+
+
+def _synthetic(spec: Any) -> tuple[Any, Any, Any, Any]:
+    """(model, dataset, collate_fn, loss_fn): the spec's model, host-side synthetic samples
+    and their collate function (both outside the budget), the spec's loss."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from _anchor_budget import outside_budget
+    from autofit.build import build_loss, build_model, make_input, make_target, model_output_tensor
+    from autofit.candidate import Candidate
+
+    one = Candidate(batch_size=1, input_size=spec.default_input_size)
+    cpu = torch.device("cpu")
+    net = build_model(spec, one.input_size)
+    net.train()
+    with torch.no_grad():  # output shape (for the targets), before any budget is in force
+        out_shape = model_output_tensor(net(make_input(spec, one, cpu))).shape
+
+    class Samples(torch.utils.data.Dataset):
+        """Each sample made when read; the DataLoader's collate stacks them into the batch."""
+
+        def __len__(self) -> int:
+            return 1 << 24  # far above any batch: Lightning stops scaling at the dataset size
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            with outside_budget():
+                return make_input(spec, one, cpu)[0], make_target(spec, out_shape, cpu)[0]
+
+    def host_collate(samples: list[Any]) -> Any:
+        with outside_budget():
+            return default_collate(samples)
+
+    return net, Samples(), host_collate, build_loss(spec)
+
+
+def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
+    import logging
+    import warnings
+
+    import lightning.pytorch as L
+    import lightning.pytorch.tuner.batch_size_scaling as bss
+    from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.utilities.memory import is_oom_error
+    from torch.utils.data import DataLoader
+
+    from _anchor_budget import budget, outside_budget, to_device
+    from autofit.build import build_optimizer
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    net, data, collate, loss_fn = _synthetic(spec)
+    counts = {"steps": 0}
+    trials: list[dict[str, Any]] = []
+
+    class Wrapped(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.batch_size = LIGHTNING_INIT
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+
+        def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            return to_device(batch)  # the device copy of the batch, inside the budget
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            counts["steps"] += 1
+            x, y = batch
+            return loss_fn(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return build_optimizer(spec, self.net, "cpu")
+
+    model = Wrapped()
+    original = bss._try_loop_run
+
+    def recorded(trainer: Any, params: Any) -> None:
+        record = {"batch": int(trainer.lightning_module.batch_size), "status": "?", "steps": 0}
+        trials.append(record)
+        before = counts["steps"]
+        try:
+            original(trainer, params)
+            record["status"] = "ok"
+        except BaseException as exc:
+            record["status"] = "oom" if is_oom_error(exc) else f"error {type(exc).__name__}"
+            raise
+        finally:
+            record["steps"] = counts["steps"] - before
+
+    bss._try_loop_run = recorded
+    result: dict[str, Any] = {"trials": trials}
+    with tempfile.TemporaryDirectory(prefix="bench-anchors-") as tmp:
+        t0 = time.perf_counter()
+        try:
+            with budget(limit, model) as tracker:
+                trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=ANCHOR_STEPS,
+                                    logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False,
+                                    default_root_dir=tmp)
+                _host_checkpoints(trainer, outside_budget)
+                found = Tuner(trainer).scale_batch_size(
+                    model, mode=mode, steps_per_trial=ANCHOR_STEPS, init_val=LIGHTNING_INIT,
+                    max_trials=LIGHTNING_MAX_TRIALS)
+            result["returned"] = None if found is None else int(found)
+        except BaseException as exc:  # noqa: BLE001 - reported in the table
+            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        result["wall_s"] = time.perf_counter() - t0
+    result["steps"] = counts["steps"]
+    result["tracker_ooms"] = tracker.ooms if "tracker" in locals() else None
+    return result
+
+
+def _host_checkpoints(trainer: Any, outside_budget: Any) -> None:
+    """Lightning's checkpoint save/restore around the search: host memory on a GPU."""
+    connector = trainer._checkpoint_connector
+    save, restore = trainer.save_checkpoint, connector.restore
+
+    def host_save(*args: Any, **kwargs: Any) -> Any:
+        with outside_budget():
+            return save(*args, **kwargs)
+
+    def host_restore(*args: Any, **kwargs: Any) -> Any:
+        with outside_budget():
+            return restore(*args, **kwargs)
+
+    trainer.save_checkpoint = host_save
+    connector.restore = host_restore
+
+
+def run_accelerate(spec: Any, limit: int, start: int) -> dict[str, Any]:
+    import warnings
+
+    from accelerate.utils import find_executable_batch_size
+    from accelerate.utils.memory import should_reduce_batch_size
+    from torch.utils.data import DataLoader
+
+    from _anchor_budget import budget, to_device
+    from autofit.build import build_model, build_optimizer
+
+    warnings.filterwarnings("ignore")
+    _, data, collate, loss_fn = _synthetic(spec)
+    trials: list[dict[str, Any]] = []
+    counts = {"steps": 0}
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def train(batch_size: int) -> int:
+        record = {"batch": int(batch_size), "status": "?", "steps": 0}
+        trials.append(record)
+        try:
+            net = build_model(spec, spec.default_input_size)
+            net.train()
+            optimizer = build_optimizer(spec, net, "cpu")
+            loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+            for _, batch in zip(range(ANCHOR_STEPS), loader, strict=False):
+                record["steps"] += 1
+                counts["steps"] += 1
+                x, y = to_device(batch)  # what accelerate's prepared DataLoader does
+                out = net(x)
+                loss = loss_fn(out, y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            record["status"] = "ok"
+            return batch_size
+        except BaseException as exc:
+            record["status"] = "oom" if should_reduce_batch_size(exc) else f"error {type(exc).__name__}"
+            raise
+
+    result: dict[str, Any] = {"trials": trials, "start": start}
+    t0 = time.perf_counter()
+    try:
+        with budget(limit) as tracker:  # the model is built inside: its parameters count there
+            found = train()
+        result["returned"] = int(found)
+    except BaseException as exc:  # noqa: BLE001 - reported in the table
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    result["wall_s"] = time.perf_counter() - t0
+    result["steps"] = counts["steps"]
+    result["tracker_ooms"] = tracker.ooms if "tracker" in locals() else None
+    return result
+
+
+def worker_main(kind: str, case: str) -> None:
+    """Child process: run one anchor on one case, print one JSON line."""
+    from autofit.tune import plan_limits
+
+    spec = case_spec(case)
+    limit = plan_limits(spec).limit_bytes
+    try:
+        if kind.startswith("lightning-"):
+            result = run_lightning(spec, limit, kind.split("-", 1)[1])
+        elif kind == "accelerate":
+            result = run_accelerate(spec, limit, ACCELERATE_START)
+        else:
+            raise SystemExit(f"unknown anchor {kind!r}")
+    except ImportError as exc:
+        result = {"error": f"not installed: {exc}", "trials": [], "steps": 0, "wall_s": 0.0}
+    result["limit_bytes"] = limit
+    print("@@ANCHOR " + json.dumps(result), flush=True)
+
+
+def run_anchor(kind: str, case: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--case", case]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                              env=env, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {WORKER_TIMEOUT_S} s", "trials": [], "steps": 0,
+                "wall_s": float(WORKER_TIMEOUT_S)}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@ANCHOR "):
+            return json.loads(line[len("@@ANCHOR "):])
+    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]
+    return {"error": f"worker exited {proc.returncode}: {tail}", "trials": [], "steps": 0,
+            "wall_s": 0.0}
+
+
+# --------------------------------------------------------------------------- autofit side
+
+
+def run_autofit(spec: Any) -> dict[str, Any]:
+    from autofit.trial import run_trial
+    from autofit.tune import tune
+
+    trials: list[dict[str, Any]] = []
+    warmup = spec.search.warmup_steps
+
+    def runner(spec_: Any, candidate: Any, **kwargs: Any) -> Any:
+        result = run_trial(spec_, candidate, **kwargs)
+        steps = kwargs.get("steps")
+        steps = spec_.search.steps_per_trial if steps is None else steps
+        started = result.steps_run if result.fits else warmup + steps
+        trials.append({"batch": candidate.batch_size, "status": "ok" if result.fits else
+                       result.status.value, "steps": started, "steps_run": result.steps_run,
+                       "verify": steps == spec_.search.verify_steps and steps != spec_.search.steps_per_trial})
+        return result
+
+    out: dict[str, Any] = {"trials": trials}
+    t0 = time.perf_counter()
+    try:
+        result = tune(spec, runner=runner)
+        out["returned"] = result.best.result.candidate.batch_size if result.best else None
+        out["predicted"] = result.settings[0].predicted_batch_size if result.settings else None
+        out["self_reported_steps"] = result.real_steps
+        out["real_trials"] = result.real_trials
+        out["purposes"] = [t.purpose for t in result.trials]
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    out["wall_s"] = time.perf_counter() - t0
+    out["steps"] = sum(t["steps"] for t in trials)
+    return out
+
+
+def scan_true_max(spec: Any, limit: int, say: Any) -> dict[str, Any]:
+    """Exhaustive: batch 1, 2, 3, ... until the first OOM, then SCAN_ABOVE more above it."""
+    from autofit.candidate import Candidate
+    from autofit.trial import run_trial
+
+    fits: dict[int, bool] = {}
+    t0 = time.perf_counter()
+
+    def trial(batch: int) -> bool:
+        cand = Candidate(batch_size=batch, input_size=spec.default_input_size)
+        result = run_trial(spec, cand, limit_bytes=limit, steps=0, warmup_steps=SCAN_WARMUP)
+        if result.status.value not in ("fits", "oom"):
+            raise RuntimeError(f"scan trial at batch {batch} ended as {result.status.value}: "
+                               f"{result.message}")
+        fits[batch] = result.fits
+        return result.fits
+
+    batch = 1
+    while batch <= SCAN_CAP and trial(batch):
+        batch += 1
+    first_oom = batch
+    for extra in range(1, SCAN_ABOVE + 1):
+        trial(first_oom + extra)
+    monotone = not any(fits[first_oom + e] for e in range(1, SCAN_ABOVE + 1))
+    say(f"  exhaustive scan: {len(fits)} trials, first OOM at batch {first_oom}"
+        f"{'' if monotone else ' (NOT monotone above it)'}, {time.perf_counter() - t0:.1f} s")
+    return {"true_max": first_oom - 1, "fits": fits, "trials": len(fits), "monotone": monotone,
+            "wall_s": time.perf_counter() - t0, "trial": trial}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def own_loop(trials: list[dict[str, Any]]) -> str:
+    ok = [t["batch"] for t in trials if t["status"] == "ok"]
+    oom = [t["batch"] for t in trials if t["status"] == "oom"]
+    parts = []
+    if ok:
+        parts.append(f"ok <= {max(ok)}")
+    if oom:
+        parts.append(f"OOM >= {min(oom)}")
+    return ", ".join(parts) or "-"
+
+
+def ran_status(returned: int | None, trials: list[dict[str, Any]]) -> str:
+    if returned is None:
+        return "-"
+    statuses = {t["status"] for t in trials if t["batch"] == returned}
+    if "ok" in statuses:
+        return "yes"
+    if statuses:
+        return "OOM"
+    return "NO"
+
+
+def fits_status(returned: int | None, scan: dict[str, Any]) -> str:
+    if returned is None:
+        return "-"
+    fits = scan["fits"]
+    if returned not in fits:
+        if returned < scan["true_max"]:
+            return "yes"
+        scan["trial"](returned)
+    return "yes" if fits[returned] else "NO"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {' and '.join(QUICK)}")
+    parser.add_argument("--cases", nargs="+", choices=case_names(), help="cases to run")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH")
+    parser.add_argument("--threads", default="1",
+                        help="torch threads in every process, 0 = torch's default (1)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args.worker, args.case)
+        return
+
+    import torch
+
+    from _anchor_budget import AllocatorBudgetExceeded, anchors_recognise
+    from autofit import trial as trial_mod
+    from autofit.memory import BudgetExceeded
+    from autofit.tune import plan_limits
+
+    started = time.perf_counter()
+    out = Report()
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    names = args.cases or (QUICK if args.quick else case_names())
+    vers = versions()
+    out("# bench_anchors: autofit tune vs Lightning and accelerate batch-size finders")
+    out()
+    out(machine_line())
+    out(f"lightning {vers['lightning']} | accelerate {vers['accelerate']} | torch threads per "
+        f"process: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    out(f"cases: {', '.join(names)}; device cpu, fp32, margin {MARGIN}; every contender under the "
+        "same limit budget x (1 - margin), counted by autofit's MemoryTracker (live tensor bytes, "
+        "parameters and buffers first)")
+    ours = AllocatorBudgetExceeded("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                   "allocate 4096 bytes; budget of 1024 bytes exceeded")
+    plain = BudgetExceeded("CPU memory budget exceeded: 4096 live tensor bytes > limit 1024")
+    r_ours, r_plain = anchors_recognise(ours), anchors_recognise(plain)
+    out("anchors' OOM error: an allocator-style OOM raised by the same budget (a BudgetExceeded / "
+        "torch.OutOfMemoryError whose message starts \"DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate N bytes; budget of L bytes exceeded\", the CPU "
+        f"allocator's words): recognised as OOM by Lightning is_oom_error={r_ours['lightning']}, "
+        f"accelerate should_reduce_batch_size={r_ours['accelerate']} (the tracker's own message "
+        f"\"CPU memory budget exceeded\": {r_plain['lightning']}, {r_plain['accelerate']})")
+    out(f"autofit: steps_per_trial {SEARCH['steps_per_trial']} (+{SEARCH['warmup_steps']} warm-up), "
+        f"verify_steps {SEARCH['verify_steps']} (+{SEARCH['warmup_steps']}); Lightning: "
+        f"steps_per_trial {ANCHOR_STEPS}, init_val {LIGHTNING_INIT}, max_trials "
+        f"{LIGHTNING_MAX_TRIALS}, other defaults (binsearch margin 0.05); accelerate: "
+        f"starting_batch_size {ACCELERATE_START}, {ANCHOR_STEPS} steps per try; true max: "
+        f"exhaustive scan with run_trial ({SCAN_WARMUP} steps per batch)")
+    out()
+
+    trial_mod._zygote()  # autofit's fork server starts before the clock (anchors: imports)
+    rows: list[list[Any]] = []
+    summary: list[list[Any]] = []
+    misses: list[str] = []
+    targets = {"steps": [], "ge": [], "eq": [], "ran": []}
+    for name in names:
+        spec = case_spec(name)
+        limit = plan_limits(spec).limit_bytes
+        say(f"[{name}] budget {BUDGETS[name]}, limit {limit} bytes ({limit / 2**20:.3f} MiB)")
+        results: dict[str, dict[str, Any]] = {}
+        results["autofit"] = run_autofit(spec)
+        say(f"  autofit: {results['autofit'].get('returned')} in {len(results['autofit']['trials'])} "
+            f"trials, {results['autofit']['wall_s']:.1f} s {results['autofit'].get('error', '')}")
+        for kind in CONTENDERS[1:]:
+            results[kind] = run_anchor(kind, name)
+            r = results[kind]
+            say(f"  {LABELS[kind]}: {r.get('returned')} in {len(r['trials'])} trials, "
+                f"{r['wall_s']:.1f} s {r.get('error', '')}")
+        scan = scan_true_max(spec, limit, say)
+        true_max = scan["true_max"]
+        auto_wall = results["autofit"]["wall_s"] or float("nan")
+        for kind in CONTENDERS:
+            r = results[kind]
+            returned = r.get("returned")
+            ran = ran_status(returned, r["trials"])
+            fits = fits_status(returned, scan)
+            notes = []
+            if kind == "autofit":
+                verify = [t for t in r["trials"] if t["verify"]]
+                notes.append(f"predicted {r.get('predicted')}; steps {r['steps'] - sum(t['steps'] for t in verify)}"
+                             f" search + {sum(t['steps'] for t in verify)} verify")
+                if r.get("self_reported_steps") is not None and r["self_reported_steps"] != r["steps"]:
+                    notes.append(f"real_steps says {r['self_reported_steps']}")
+            elif kind == "lightning-binsearch" and returned is not None:
+                ok = [t["batch"] for t in r["trials"] if t["status"] == "ok"]
+                if ok and max(ok) != returned:
+                    notes.append(f"search ended at {max(ok)}, x0.95 margin -> {returned}")
+            elif kind == "accelerate":
+                notes.append(f"start {r.get('start', ACCELERATE_START)}")
+            if r.get("error"):
+                notes.append(f"ERROR {r['error']}")
+            rows.append([name, LABELS[kind], len(r["trials"]), r["steps"], f"{r['wall_s']:.1f}",
+                         f"{r['wall_s'] / auto_wall:.2f}x", returned if returned is not None else "-",
+                         true_max, ran, fits, own_loop(r["trials"]), "; ".join(notes)])
+            if kind != "autofit" and returned is not None and (ran != "yes" or fits != "yes"):
+                misses.append(f"{name}: {LABELS[kind]} returned {returned} (true max {true_max}): "
+                              f"ran? {ran}, fits? {fits}")
+        a, lb, lp = results["autofit"], results["lightning-binsearch"], results["lightning-power"]
+        ratio = a["steps"] / lb["steps"] if lb["steps"] and not lb.get("error") else float("nan")
+        a_ret = a.get("returned")
+        lmax = max([x.get("returned") or 0 for x in (lb, lp) if not x.get("error")], default=None)
+        ge = a_ret is not None and lmax is not None and a_ret >= lmax
+        eq = a_ret == true_max
+        ran_ok = ran_status(a_ret, a["trials"]) == "yes"
+        targets["steps"].append(ratio <= 0.25)
+        targets["ge"].append(ge)
+        targets["eq"].append(eq)
+        targets["ran"].append(ran_ok)
+        summary.append([name, BUDGETS[name], f"{limit / 2**20:.3f}", true_max, a_ret,
+                        lp.get("returned", "-"), lb.get("returned", "-"),
+                        results["accelerate"].get("returned", "-"),
+                        f"{a['steps']} / {lb['steps']} = {ratio:.2f}", "yes" if ratio <= 0.25 else "NO",
+                        "yes" if ge else "NO", "yes" if eq else "NO", "yes" if ran_ok else "NO",
+                        f"{scan['trials']} ({scan['wall_s']:.0f} s)"
+                        + ("" if scan["monotone"] else " NOT monotone")])
+
+    out("## per case and contender")
+    out()
+    out(markdown_table(["case", "contender", "trials", "steps", "wall s", "x autofit", "returned",
+                        "true max", "ran?", "fits?", "own loop", "notes"], rows))
+    out()
+    out("## targets")
+    out()
+    out(markdown_table(["case", "budget", "limit MiB", "true max", "autofit", "L power",
+                        "L binsearch", "accelerate", "steps autofit / L binsearch", "<= 1/4?",
+                        "autofit >= L?", "autofit == true max?", "autofit ran it?",
+                        "scan trials"], summary))
+    out()
+    n = len(names)
+    out(f"autofit steps <= 1/4 of Lightning binsearch: {sum(targets['steps'])}/{n}; autofit >= "
+        f"Lightning (both modes): {sum(targets['ge'])}/{n}; autofit == true max: "
+        f"{sum(targets['eq'])}/{n}; autofit returned a batch it ran: {sum(targets['ran'])}/{n}")
+    out()
+    out("anchor answers that were never run to completion by the anchor, or do not fit:")
+    for line in misses or ["(none)"]:
+        out(f"- {line}")
+    out()
+    out(f"(bench wall time {time.perf_counter() - started:.0f} s)")
+    out.write(args.markdown)
+    trial_mod.shutdown()
+
+
+if __name__ == "__main__":
+    main()
