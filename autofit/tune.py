@@ -225,11 +225,17 @@ class Ledger:
         return self.max_trials > 0 and self.new_trials >= self.max_trials
 
     def run(self, candidate: Candidate, purpose: str, predicted_peak: int | None,
-            steps: int | None = None) -> TrialRecord:
+            steps: int | None = None, asked: Any = None) -> TrialRecord:
+        """Run (or recall) one candidate. ``asked``: an optuna trial the sampler proposed."""
         steps = self.spec.search.steps_per_trial if steps is None else steps
         key = _key(candidate, steps)
         if key in self.cache:
             record = self.cache[key]
+            if asked is not None:  # the sampler re-proposed a finished point: answer from memory
+                self.study.tell(asked, objective_value(self.spec, record.result)
+                                if record.result.status in (TrialStatus.FITS, TrialStatus.OOM) else None,
+                                state=None if record.result.status in (TrialStatus.FITS, TrialStatus.OOM)
+                                else __import__("optuna").trial.TrialState.FAIL)
             if record not in self.records:
                 self.records.append(record)
                 self.on_trial(record)
@@ -237,7 +243,7 @@ class Ledger:
         result = self.runner(self.spec, candidate, limit_bytes=self.limit_bytes, steps=steps,
                              device=self.device)
         self.new_trials += 1
-        number = self._store(candidate, result, purpose, predicted_peak, steps)
+        number = self._store(candidate, result, purpose, predicted_peak, steps, asked)
         record = TrialRecord(number=number, purpose=purpose, result=result,
                              predicted_peak_bytes=predicted_peak, steps=steps)
         self.cache[key] = record
@@ -252,7 +258,7 @@ class Ledger:
         return record
 
     def _store(self, candidate: Candidate, result: TrialResult, purpose: str,
-               predicted_peak: int | None, steps: int) -> int:
+               predicted_peak: int | None, steps: int, asked: Any = None) -> int:
         if self.study is None:
             return len(self.records)
         import optuna
@@ -266,8 +272,12 @@ class Ledger:
             "precision": CategoricalDistribution(list(s.precisions) if candidate.precision in s.precisions else list(s.precisions) + [candidate.precision]),
             "checkpoint_segments": CategoricalDistribution(list(s.checkpoint_segments) if candidate.checkpoint_segments in s.checkpoint_segments else list(s.checkpoint_segments) + [candidate.checkpoint_segments]),
         }
-        self.study.enqueue_trial(candidate.to_dict())
-        trial = self.study.ask(dists)
+        if asked is None:
+            self.study.enqueue_trial(candidate.to_dict())
+            trial = self.study.ask(dists)
+        else:
+            trial = asked
+            trial.set_user_attr("batch_size", candidate.batch_size)
         trial.set_user_attr("result", result.to_dict())
         trial.set_user_attr("purpose", purpose)
         trial.set_user_attr("steps", steps)
@@ -709,10 +719,40 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
                     best = record
                 break
 
-    for setting in order:
+    for setting in order[:max(1, budget // 2)]:
         if ledger.exhausted:
             break
         measure(setting)
+    # the rest of the budget: optuna's TPE sampler proposes settings (constrained by the OOMs
+    # it has seen), each run at that setting's predicted largest batch
+    labels = {f"{st[0]}/{st[1]}/{st[2]}": st for st in pruned}
+    stale = 0
+    while not ledger.exhausted and len(tried) < len(pruned) and stale < 3:
+        asked = study.ask() if study is not None else None
+        if asked is None:
+            break
+        setting = labels[asked.suggest_categorical("setting", sorted(labels))]
+        if setting in tried:
+            stale += 1
+            record = next((r for r in reversed(ledger.records)
+                           if (r.result.candidate.input_size, r.result.candidate.precision,
+                               r.result.candidate.checkpoint_segments) == setting), None)
+            if record is not None:
+                ledger.run(record.result.candidate, record.purpose, record.predicted_peak_bytes,
+                           steps=record.steps, asked=asked)
+            else:
+                study.tell(asked, state=__import__("optuna").trial.TrialState.PRUNED)
+            continue
+        tried.add(setting)
+        pinner = BatchPinner(spec, setting, predictions[setting], plan.limit_bytes)
+        batch = pinner.next or pinner.lo
+        record = ledger.run(pinner.candidate(batch), "explore", pinner.predicted_peak(batch), asked=asked)
+        if record.result.fits:
+            summaries[setting].measured_batch_size = batch
+            if best is None or objective_value(spec, record.result) > objective_value(spec, best.result):
+                best = record
+        elif not ledger.exhausted:
+            measure(setting)  # step down from an OOM the prediction did not foresee
     say(f"throughput: measured {len(tried)} of {len(settings)} settings ({len(settings) - len(pruned)} pruned by prediction)")
     return best
 
