@@ -210,9 +210,22 @@ def tune(
             from autofit.report import print_tune, targets_lines, trial_line
 
             try:
-                result = run_tune(spec, out_dir=path, resume=resume, storage=storage,
-                                  on_trial=lambda r: log.print(trial_line(r)),
-                                  on_event=lambda m: log.print(f"[dim]{m}[/dim]"))
+                status = log.status("predicting ...", spinner="dots")
+                status.start()
+
+                def started(candidate: Any, purpose: str) -> None:
+                    status.update(f"running trial ({purpose}): {candidate.label()}")
+
+                def finished(record: Any) -> None:
+                    log.print(trial_line(record))
+                    status.update("choosing the next trial ...")
+
+                try:
+                    result = run_tune(spec, out_dir=path, resume=resume, storage=storage,
+                                      on_trial=finished, on_start=started,
+                                      on_event=lambda m: log.print(f"[dim]{escape(m)}[/dim]"))
+                finally:
+                    status.stop()
             except (AutofitError, KeyboardInterrupt) as exc:
                 partial = getattr(exc, "partial", None)
                 if partial is not None and partial.trials:

@@ -192,13 +192,14 @@ class Ledger:
 
     def __init__(self, spec: ExperimentSpec, limit_bytes: int, device: str, study: Any,
                  runner: Callable[..., TrialResult], on_trial: Callable[[TrialRecord], None],
-                 max_trials: int) -> None:
+                 max_trials: int, on_start: Callable[[Candidate, str], None] | None = None) -> None:
         self.spec = spec
         self.limit_bytes = limit_bytes
         self.device = device
         self.study = study
         self.runner = runner
         self.on_trial = on_trial
+        self.on_start = on_start or (lambda candidate, purpose: None)
         self.max_trials = max_trials
         self.records: list[TrialRecord] = []
         self.cache: dict[tuple, TrialRecord] = {}
@@ -240,6 +241,7 @@ class Ledger:
                 self.records.append(record)
                 self.on_trial(record)
             return record
+        self.on_start(candidate, purpose)
         result = self.runner(self.spec, candidate, limit_bytes=self.limit_bytes, steps=steps,
                              device=self.device)
         self.new_trials += 1
@@ -506,6 +508,7 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
          storage: str | None = None, device: str | None = None,
          on_trial: Callable[[TrialRecord], None] | None = None,
          on_event: Callable[[str], None] | None = None,
+         on_start: Callable[[Candidate, str], None] | None = None,
          runner: Callable[..., TrialResult] = run_trial) -> TuneResult:
     """Find the best configuration of ``spec`` with real trials (see module docstring).
 
@@ -521,7 +524,7 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
     s = spec.search
     max_trials = s.max_trials
     ledger = Ledger(spec, plan.limit_bytes, plan.device, study, runner, on_trial or (lambda r: None),
-                    max_trials)
+                    max_trials, on_start)
     if ledger.cache:
         say(f"resuming: {len(ledger.cache)} finished trials loaded from the study; none will be repeated")
 
@@ -565,7 +568,7 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
         error.partial = result  # type: ignore[attr-defined]
         raise error
     result.best = best
-    result.targets = _targets(spec, best, plan)
+    result.targets = _targets(spec, best, plan, ledger.runner, say)
     result.wall_time_s = time.perf_counter() - started
     return result
 
@@ -787,10 +790,15 @@ def _verify(spec: ExperimentSpec, best: TrialRecord, summaries: dict[Setting, Se
     return None
 
 
-def _targets(spec: ExperimentSpec, best: TrialRecord, plan: Plan) -> list[dict[str, Any]]:
-    """Predicted (and on CUDA, capped-verified) configs for each target GPU type."""
+def _targets(spec: ExperimentSpec, best: TrialRecord, plan: Plan,
+             runner: Callable[..., TrialResult] = run_trial,
+             say: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+    """Predicted configs for each target GPU type; on CUDA, targets smaller than the present
+    card are verified by a real trial with the memory fraction capped to the target's size."""
     from autofit.device_model import CUDA_DEFAULT
 
+    on_cuda = plan.device.startswith("cuda") and plan.device_model.kind == "cuda"
+    card_bytes = int(plan.device_info.get("total_bytes") or 0)
     out: list[dict[str, Any]] = []
     c = best.result.candidate
     for target in spec.targets:
@@ -799,7 +807,8 @@ def _targets(spec: ExperimentSpec, best: TrialRecord, plan: Plan) -> list[dict[s
         if precision == "bf16" and not target.bf16:
             precision = "fp16"
             note += "; bf16 unsupported on this GPU, fp16 used instead"
-        usable = int((target.memory_bytes - CUDA_DEFAULT.context_bytes) * (1.0 - spec.memory.margin))
+        model = plan.device_model if plan.device_model.kind == "cuda" else CUDA_DEFAULT
+        usable = int((target.memory_bytes - model.context_bytes) * (1.0 - spec.memory.margin))
         base = Candidate(batch_size=spec.search.batch_size.min, input_size=c.input_size,
                          precision=precision, checkpoint_segments=c.checkpoint_segments)
         entry: dict[str, Any] = {
@@ -808,17 +817,35 @@ def _targets(spec: ExperimentSpec, best: TrialRecord, plan: Plan) -> list[dict[s
             "input_size": c.input_size, "verified": False,
         }
         try:
-            pred = predict_max_batch(spec, base, plan.device_model if plan.device_model.kind == "cuda"
-                                     else CUDA_DEFAULT, usable, exact=True)
+            pred = predict_max_batch(spec, base, model, usable, exact=True)
             entry["batch_size"] = pred.batch_size
             est = pred.estimate
             entry["predicted_peak_bytes"] = est.peak_bytes if est else None
         except AutofitError as exc:
             entry.update(batch_size=0, predicted_peak_bytes=None)
             note = f"prediction failed: {exc}"
-        if entry.get("batch_size", 0) == 0:
+        batch = int(entry.get("batch_size") or 0)
+        if batch == 0:
             note += "; does not fit even at the minimum batch"
-        entry["note"] = note + ("" if plan.device_model.kind == "cuda" else
-                                "; not verified (no CUDA device in this run)")
+        elif on_cuda and target.memory_bytes < card_bytes:
+            # emulate the target: cap the allocator at its usable bytes; step down on OOM
+            for _ in range(4):
+                result = runner(spec, base.with_batch(batch), limit_bytes=usable,
+                                steps=spec.search.steps_per_trial, device=plan.device)
+                if result.fits:
+                    entry.update(batch_size=batch, verified=True, measured_peak_bytes=result.peak_bytes)
+                    note += f"; verified on {plan.device_info.get('name')} capped to the target's memory"
+                    break
+                if result.status is not TrialStatus.OOM:
+                    note += f"; verification {result.status.value}: {result.message[:120]}"
+                    break
+                batch = max(spec.search.batch_size.min, batch - max(1, batch // 20))
+            say(f"target {target.name}: batch {entry['batch_size']} "
+                f"({'verified' if entry['verified'] else 'predicted only'})")
+        elif on_cuda:
+            note += "; not verified (the target is not smaller than this card)"
+        else:
+            note += "; not verified (no CUDA device in this run)"
+        entry["note"] = note
         out.append(entry)
     return out
