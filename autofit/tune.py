@@ -115,7 +115,17 @@ class TuneResult:
 
     @property
     def real_steps(self) -> int:
+        """Training steps run by this call, verification included (an OOM step counts)."""
         return sum(t.result.steps_run for t in self.trials if not t.resumed)
+
+    @property
+    def search_trials(self) -> int:
+        """Trials spent finding the answer (this call), without the verification run."""
+        return sum(1 for t in self.trials if not t.resumed and t.purpose != "verify")
+
+    @property
+    def search_steps(self) -> int:
+        return sum(t.result.steps_run for t in self.trials if not t.resumed and t.purpose != "verify")
 
     def pareto(self) -> dict[str, list[dict[str, int]]]:
         """Per precision: (input size, largest batch) pairs no other pair dominates."""
@@ -168,6 +178,8 @@ class TuneResult:
             "best": best,
             "real_trials": self.real_trials,
             "real_steps": self.real_steps,
+            "search_trials": self.search_trials,
+            "search_steps": self.search_steps,
             "predict_s": round(self.predict_s, 3),
             "wall_time_s": round(self.wall_time_s, 3),
             "max_batch_by_setting": [s.to_dict() for s in self.settings],
@@ -201,6 +213,12 @@ class Ledger:
         self.on_trial = on_trial
         self.on_start = on_start or (lambda candidate, purpose: None)
         self.max_trials = max_trials
+        # Searching for a size only needs fit / out-of-memory, settled by the peak of step 2:
+        # those trials run one timed step after the warm-up, and the winner's verification
+        # run (verify_steps) measures its speed. max_throughput times every trial.
+        s = spec.search
+        self.default_steps = (s.steps_per_trial if s.objective == "max_throughput" or s.verify_steps == 0
+                              else 1)
         self.records: list[TrialRecord] = []
         self.cache: dict[tuple, TrialRecord] = {}
         self.new_trials = 0
@@ -228,7 +246,7 @@ class Ledger:
     def run(self, candidate: Candidate, purpose: str, predicted_peak: int | None,
             steps: int | None = None, asked: Any = None) -> TrialRecord:
         """Run (or recall) one candidate. ``asked``: an optuna trial the sampler proposed."""
-        steps = self.spec.search.steps_per_trial if steps is None else steps
+        steps = self.default_steps if steps is None else steps
         key = _key(candidate, steps)
         if key in self.cache:
             record = self.cache[key]

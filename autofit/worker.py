@@ -93,6 +93,7 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
     """Run one trial described by ``request``; return the result dict. Never raises."""
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "error", "message": "", "candidate": request["candidate"]}
+    steps_started = 0  # includes a step that ran out of memory or raised
     try:
         import torch
 
@@ -163,6 +164,7 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
                 if steps_run >= warmup:
                     extra += 1
                 t0 = time.perf_counter()
+                steps_started += 1
                 loss = job.run_step()
                 sync()
                 warmup_times.append(time.perf_counter() - t0)
@@ -174,6 +176,7 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
                 tracker.__exit__(None, None, None)
             for _ in range(steps):
                 t0 = time.perf_counter()
+                steps_started += 1
                 loss = job.run_step()
                 sync()
                 times.append(time.perf_counter() - t0)
@@ -210,6 +213,7 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
                 result.get("warning"), "optimizer state never appeared (every fp16 step overflowed)"]))
     except BaseException as exc:  # noqa: BLE001 - a trial's failure is data
         oom, kind = is_oom_error(exc)
+        result["steps_run"] = steps_started
         phase = "setup"
         try:
             phase = tracker.phase  # type: ignore[possibly-undefined]
