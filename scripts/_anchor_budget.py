@@ -22,6 +22,12 @@ anchors' checks match the substring they look for in real CPU OOMs:
 
 It is still a ``BudgetExceeded`` / ``torch.OutOfMemoryError`` / ``RuntimeError`` subclass,
 with a single string argument. No anchor code is patched.
+
+Two refinements make the budget behave like a device of that size for code that keeps
+running after an OOM (the anchors retry in the same process; autofit's trials end there):
+the refused storage is uncounted when the error is raised (an allocator that refuses hands
+out nothing), and ``outside_budget()`` marks host-side work (data loading, checkpoint files)
+that would not be device memory on a GPU; ``to_device`` makes the counted device copy.
 """
 
 from __future__ import annotations
@@ -64,7 +70,6 @@ class AllocatorBudgetTracker(MemoryTracker):
                 f"counted by autofit's MemoryTracker, allocating {tuple(tensor.shape)} "
                 f"{str(tensor.dtype).replace('torch.', '')})"
             ) from exc
-
 
     def _refuse(self, tensor: torch.Tensor) -> int:
         """Uncount the storage that went over the limit: a refused allocation never exists.

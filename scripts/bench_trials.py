@@ -22,8 +22,13 @@ Every trial is ``autofit.trial.run_trial`` at a small batch (fp32) under a gener
 The first trial of the run also starts autofit's fork server (a process that imports torch
 once and forks one child per trial); it is reported on its own row. The last table runs the
 same case with ``AUTOFIT_START_METHOD=spawn`` (a fresh interpreter per trial, read by
-``autofit.trial._launch`` at call time), where ``child other`` includes the torch import.
+``autofit.trial._launch`` at call time): there ``start+IPC`` includes the interpreter start
+and ``import autofit`` (which imports torch), and ``build`` the imports the fork server
+preloads (``torch._dynamo``, which optimizers import on construction).
 Rows of the per-case table are medians over that case's trials.
+
+Timings depend on what else runs on the machine: the machine line prints the load average
+when the run started.
 """
 
 from __future__ import annotations
