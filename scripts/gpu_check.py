@@ -10,6 +10,7 @@ Parts:
   B. the same config tuned by autofit and by Lightning's BatchSizeFinder (binsearch and power)
      under the same memory cap; real trials, steps, wall time, and whether each answer fits.
   C. emulated 40 GB and 16 GB cards (memory fraction): predicted target batch, tuned batch.
+  D. a tune on the whole card (budget auto) whose targets are verified by capped trials.
 """
 
 from __future__ import annotations
@@ -218,10 +219,38 @@ def part_c(quick: bool) -> None:
             emit(f"| {label} | {pred.batch_size} | error {exc} | | |")
 
 
+def part_d(quick: bool) -> None:
+    emit("## D. tune on the whole card (budget auto) with targets verified by capped trials\n")
+    model, data, _ = CASES["gpt2"]
+    spec = spec_from_dict({
+        "name": "gpu-gpt2-targets", "model": model, "data": {**data, "seq_len": 512},
+        "device": "cuda", "memory": {"budget": "auto", "margin": 0.1},
+        "search": {"precision": ["bf16"], "batch_size": {"min": 1, "max": 2048},
+                   "verify_steps": 5, "timeout_s": 300},
+        "targets": [{"name": "A100-40GB", "memory": "40GiB"},
+                    {"name": "V100-16GB", "memory": "16GiB", "bf16": False}],
+    })
+    t = time.time()
+    result = tune(spec, on_event=lambda m: emit(f"    {m}"))
+    best = result.best.result
+    emit(f"best {best.candidate.label()}: reserved {best.peak_bytes / GiB:.2f} GiB of limit "
+         f"{result.limit_bytes / GiB:.2f} GiB; {result.real_trials} trials "
+         f"({result.search_trials} search), {result.real_steps} steps, {time.time() - t:.0f} s")
+    for rec in result.trials:
+        emit(f"    trial {rec.number} {rec.purpose} {rec.result.candidate.label()} {rec.result.status.value} "
+             f"pred {(rec.predicted_peak_bytes or 0) / GiB:.2f} GiB meas {(rec.result.peak_bytes or 0) / GiB:.2f} GiB")
+    emit("| target | batch | precision | verified | predicted peak GiB | measured peak GiB | note |")
+    emit("|---|---|---|---|---|---|---|")
+    for tgt in result.targets:
+        emit(f"| {tgt['name']} | {tgt['batch_size']} | {tgt['precision']} | {tgt['verified']} | "
+             f"{(tgt.get('predicted_peak_bytes') or 0) / GiB:.2f} | "
+             f"{(tgt.get('measured_peak_bytes') or 0) / GiB:.2f} | {tgt['note'][:140]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--parts", default="ABC")
+    parser.add_argument("--parts", default="ABCD")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -230,7 +259,7 @@ def main() -> None:
     LOG.write_text("")
     emit(f"# autofit GPU check: {props.name}, {props.total_memory / GiB:.1f} GiB, torch {torch.__version__}, "
          f"CUDA {torch.version.cuda}\n")
-    for part, fn in (("A", part_a), ("B", part_b), ("C", part_c)):
+    for part, fn in (("A", part_a), ("B", part_b), ("C", part_c), ("D", part_d)):
         if part not in args.parts:
             continue
         t = time.time()
