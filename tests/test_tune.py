@@ -261,3 +261,33 @@ def test_pinner_bisects_without_prediction():
         pinner.observe(b, result)
         assert len(seen) < 20
     assert pinner.best_fit == 37 and pinner.first_fail == 38
+
+
+def test_targets_on_cuda_are_verified_by_capped_trials():
+    from autofit.device_model import CUDA_DEFAULT
+    from autofit.tune import Plan, TrialRecord, _targets
+
+    raw = dict(make_spec().raw)
+    raw["targets"] = [{"name": "A100-40GB", "memory": "40GiB"},
+                      {"name": "V100-16GB", "memory": "16GiB", "bf16": False},
+                      {"name": "Big-200GB", "memory": "200GB"}]
+    raw["search"] = {**raw["search"], "batch_size": {"min": 1, "max": 256}, "precision": ["bf16"]}
+    spec = spec_from_dict(raw)
+    plan = Plan("cuda:0", {"name": "Fake H100", "total_bytes": 80 * 2**30}, CUDA_DEFAULT,
+                80 * 2**30, int(72 * 2**30))
+    calls = []
+
+    def runner(spec_, candidate, *, limit_bytes, steps, device):
+        calls.append((candidate.batch_size, candidate.precision, limit_bytes, device))
+        return TrialResult(candidate=candidate, status=TrialStatus.FITS,
+                           memory=MemoryBreakdown(peak_bytes=1, reserved_bytes=2), limit_bytes=limit_bytes)
+
+    best = TrialRecord(0, "verify", TrialResult(candidate=Candidate(batch_size=8, input_size=0, precision="bf16"),
+                                                status=TrialStatus.FITS), None, 3)
+    targets = _targets(spec, best, plan, runner)
+    by_name = {t["name"]: t for t in targets}
+    assert by_name["A100-40GB"]["verified"] and by_name["V100-16GB"]["verified"]
+    assert not by_name["Big-200GB"]["verified"]  # larger than the card: prediction only
+    assert by_name["V100-16GB"]["precision"] == "fp16"  # no bf16 on V100
+    assert [c[3] for c in calls] == ["cuda:0", "cuda:0"]
+    assert calls[1][2] < calls[0][2] < 40 * 2**30  # capped to each target's usable bytes
