@@ -252,6 +252,18 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
         curve = BatchCurve(0.0, first / max(b1, 1), [(b1, first)])
         return MaxBatchEstimate(b1, limit_bytes, curve, cache, len(cache), time.perf_counter() - start)
     planned(b2)
+    if not exact:
+        # quick ranking from two traces: the chord b1..b2 lies on or above a convex piecewise
+        # affine peak, so beyond b2 it under-predicts memory and over-predicts the batch. A
+        # ranking that errs high never prunes a setting that could win.
+        intercept, slope = fit_line([(b1, first), (b2, cache[b2].peak_bytes)])
+        curve = BatchCurve(intercept, slope, [(b, cache[b].peak_bytes) for b in sorted(cache)])
+        fits = [b for b in cache if cache[b].peak_bytes <= limit_bytes]
+        fails = [b for b in cache if cache[b].peak_bytes > limit_bytes]
+        upper = hi_allowed if not fails else min(fails) - mult
+        quick = max(max(fits), min(upper, _align_down(curve.max_batch(limit_bytes), mult)))
+        return MaxBatchEstimate(quick, limit_bytes, curve, cache, len(cache),
+                                time.perf_counter() - start, exact=False)
     bm = max(b1, _align_down(b2 // 2, mult))
     if bm not in (b1, b2):
         planned(bm)

@@ -148,10 +148,17 @@ class _Zygote:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         self._buffer = b""
+        self._ready = False
+
+    def _ensure_ready(self) -> None:
+        """Wait for the server's torch import (started in __init__, so it overlaps other work)."""
+        if self._ready:
+            return
         ready = self._read(120.0)
         if not ready or not ready.get("ready"):
             self.close()
             raise RuntimeError("the trial fork server did not start")
+        self._ready = True
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -174,6 +181,7 @@ class _Zygote:
         return json.loads(line)
 
     def submit(self, job: dict[str, Any]) -> int:
+        self._ensure_ready()
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(job) + "\n").encode())
         self.proc.stdin.flush()
@@ -203,6 +211,12 @@ def _zygote() -> _Zygote:
     if _ZYGOTE is None or not _ZYGOTE.alive():
         _ZYGOTE = _Zygote()
     return _ZYGOTE
+
+
+def prestart() -> None:
+    """Start the fork server now (its torch import overlaps the predictor's traces)."""
+    if os.environ.get("AUTOFIT_START_METHOD", "fork") == "fork" and hasattr(os, "fork"):
+        _zygote()
 
 
 def shutdown() -> None:

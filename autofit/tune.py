@@ -546,6 +546,10 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
     if ledger.cache:
         say(f"resuming: {len(ledger.cache)} finished trials loaded from the study; none will be repeated")
 
+    if runner is run_trial:
+        from autofit.trial import prestart
+
+        prestart()
     # ---- predictions for every setting
     t0 = time.perf_counter()
     settings = settings_of(spec)

@@ -344,7 +344,7 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
                       f"tracker {fmt_mib(real['tracker_peak'])}, profiler "
                       f"{fmt_mib(real['profiler_peak'])} (real step {real['step_s']:.2f} s)",
                       flush=True)
-    out()
+    print(flush=True)
     out(markdown_table(header, rows))
     out()
     out("peak phase: predicted/measured phase of the peak. err: (predicted - measured) / measured.")
