@@ -268,6 +268,8 @@ def _plot(path: Path, data: dict[str, Any], spec: Any) -> str:
         return plot_batch_curve(data, path / "peak_vs_batch.png")
     except ImportError:
         return "matplotlib not installed: skipped peak_vs_batch.png (pip install 'autofit[plot]')"
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a plot must never lose results
+        return f"skipped peak_vs_batch.png: {type(exc).__name__}: {exc}"
 
 
 @app.command()

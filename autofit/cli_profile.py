@@ -152,6 +152,8 @@ def _write_plots(prof: Any, plan: Any, curve_data: dict[str, Any] | None,
     except ImportError:
         return {"skipped": f"matplotlib not installed: skipped {', '.join(PLOTS)} "
                            f"(pip install 'autofit[plot]')"}
+    except OSError as exc:
+        return {"skipped": f"cannot write plots to {directory}: {exc.strerror or exc}"}
     return {k: (f"wrote {directory / k}" if v.startswith("wrote ") else v)
             for k, v in out.items()}
 

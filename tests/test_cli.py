@@ -186,3 +186,13 @@ def test_export_bad_results(tmp_path: Path):
     result = runner.invoke(app, ["export", str(bad)])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+def test_profile_plot_dir_that_is_a_file_is_reported_not_raised(tmp_path: Path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["profile", str(write(tmp_path, TINY)), "-b", "4", "--no-what-if",
+                                 "--plot-dir", str(blocker)])
+    assert result.exit_code == 0, result.output
+    assert "cannot write plots" in result.output
+    assert "Traceback" not in result.output
