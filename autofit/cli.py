@@ -104,7 +104,8 @@ def estimate(
         cand = _candidate(spec, batch_size, input_size, precision, segments)
         est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
         mb = (predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
-                                plan.device_model, plan.limit_bytes) if plan.limit_bytes else None)
+                                plan.device_model, plan.limit_bytes, known=[est])
+              if plan.limit_bytes else None)
     except AutofitError as exc:
         _fail(exc)
     if as_json:

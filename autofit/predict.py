@@ -216,7 +216,8 @@ def _align_down(batch: int, multiple: int) -> int:
 
 def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
                       limit_bytes: int, *, exact: bool = True,
-                      max_traces: int = 10) -> MaxBatchEstimate:
+                      max_traces: int = 10,
+                      known: list[MemoryEstimate] | None = None) -> MaxBatchEstimate:
     """Largest batch in the spec's range whose traced peak fits ``limit_bytes``.
 
     Two traces fit the line; the inverse gives a batch; traces there and one step above pin
@@ -230,7 +231,10 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     lo_allowed = max(rng.min, mult) if rng.min % mult else rng.min
     lo_allowed = -(-lo_allowed // mult) * mult
     hi_allowed = _align_down(rng.max, mult)
-    cache: dict[int, MemoryEstimate] = {}
+    # estimates already traced for this setting (e.g. the one `autofit estimate` printed)
+    cache: dict[int, MemoryEstimate] = {
+        e.candidate.batch_size: e for e in known or []
+        if e.candidate.with_batch(base.batch_size) == base and e.device_kind == model.kind}
 
     def planned(batch: int) -> int:
         if batch not in cache:
