@@ -74,11 +74,11 @@ def validate(spec_path: SpecPath) -> None:
         size, precision, segments = settings_of(spec)[-1]
         cand = Candidate(batch_size=spec.search.batch_size.min, input_size=size,
                          precision=precision, checkpoint_segments=segments)
-        tracker, params, seconds = trace(spec, cand, plan.device_model, steps=1)
+        tracker, params, seconds = trace(spec, cand, plan.device_model)
     except AutofitError as exc:
         _fail(exc)
     out.print(f"[green]ok[/green] {spec_path}: {spec.name!r}, {params:,} parameters, "
-              f"{len(settings_of(spec))} setting(s) to search; one step traced on fake tensors "
+              f"{len(settings_of(spec))} setting(s) to search; two steps traced on fake tensors "
               f"in {seconds:.2f} s (peak {tracker.peak_bytes:,} bytes at batch {cand.batch_size})")
 
 
@@ -161,7 +161,9 @@ def trial(
         from autofit.report import print_trial
 
         print_trial(out, result)
-    if result.status.value in ("error", "timeout", "crashed"):
+    if result.status.value == "error":
+        raise typer.Exit(code=2)  # the spec or the user's code is wrong, as for validate
+    if result.status.value in ("timeout", "crashed"):
         raise typer.Exit(code=1)
 
 

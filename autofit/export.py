@@ -742,7 +742,14 @@ def render_target_config(results: dict[str, Any], target: dict[str, Any]) -> str
         *Provenance.from_results(results).lines(),
         f"Caveat: {TARGET_CAVEAT}.",
     ])
-    return header + _yaml(tuned_spec(raw, target))
+    spec = tuned_spec(raw, target)
+    # the config is for the target GPU: its device and its memory, not the tuning host's
+    spec["device"] = "cuda"
+    memory_spec = dict(spec.get("memory") or {})
+    if memory is not None:
+        memory_spec["budget"] = int(memory)
+    spec["memory"] = memory_spec
+    return header + _yaml(spec)
 
 
 # --------------------------------------------------------------------------- writing

@@ -60,7 +60,7 @@ def locked_output_dir(out_dir: str | Path, *, resume: bool, force: bool) -> Iter
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output dir {out} exists and is not a directory")
     existing = out.exists() and any(
-        (out / name).exists() for name in RESULT_FILES
+        (out / name).exists() for name in ("results.json", "tuned.yaml")
     )
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_NAME

@@ -145,7 +145,9 @@ def print_tune(console: Console, result: TuneResult) -> None:
             console.print(breakdown_table(best.memory, "memory of the winner (measured)", result.limit_bytes))
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"{result.real_trials} real trials ({result.search_trials} to search, the rest to verify), "
+    resumed = sum(1 for t in result.trials if t.resumed)
+    console.print((f"{resumed} trials resumed from the study, " if resumed else "")
+                  + f"{result.real_trials} real trials run now ({result.search_trials} to search, the rest to verify), "
                   f"{result.real_steps} training steps ({result.search_steps} to search), "
                   f"prediction {result.predict_s:.1f} s, total {result.wall_time_s:.1f} s; "
                   f"budget {format_bytes(result.budget_bytes)}, margin {result.spec.memory.margin:.0%}, "

@@ -359,6 +359,7 @@ class BatchPinner:
         self.limit = limit_bytes
         self.best_fit: int | None = None
         self.best_fit_peak: int | None = None
+        self.measured: dict[int, int] = {}
         self.first_fail: int | None = None
         start = prediction.batch_size if prediction and prediction.batch_size else self.lo
         self.next: int | None = self._clamp(start)
@@ -398,9 +399,16 @@ class BatchPinner:
         hi_bad = self.first_fail
         guess: int | None = None
         curve = self.prediction.curve if self.prediction else None
+        if result.fits and result.peak_bytes:
+            self.measured[batch] = result.peak_bytes
         if result.fits and curve is not None and result.peak_bytes and curve.slope_bytes_per_sample > 0:
-            # secant step: move the fitted line to pass through the measured point
+            # secant step: move the fitted line to pass through the measured point; with two
+            # measured fits, use their slope instead of the predicted one
             slope = curve.slope_bytes_per_sample
+            if len(self.measured) >= 2:
+                (b1, p1), (b2, p2) = sorted(self.measured.items())[-2:]
+                if p2 > p1:
+                    slope = (p2 - p1) / (b2 - b1)
             guess = batch + math.floor((self.limit - result.peak_bytes) / slope)
         low = (lo_ok if lo_ok is not None else self.lo - self.mult)
         high = (hi_bad if hi_bad is not None else self.hi + self.mult)
@@ -515,9 +523,13 @@ def open_study(spec: ExperimentSpec, out_dir: Path | None, storage: str | None,
         return optuna.create_study(study_name=name, storage=storage_obj, sampler=sampler,
                                    direction=direction, load_if_exists=resume or storage is not None)
     except optuna.exceptions.DuplicatedStudyError:
-        raise AutofitError(
-            f"a study named {name!r} already exists in the storage; pass --resume to continue it"
-        ) from None
+        study = optuna.load_study(study_name=name, storage=storage_obj, sampler=sampler)
+        if any("result" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+            raise AutofitError(
+                f"a study named {name!r} with finished trials already exists in the storage; "
+                f"pass --resume to continue it"
+            ) from None
+        return study  # an earlier run that measured nothing: nothing to protect
     except Exception as exc:
         raise AutofitError(f"cannot open optuna storage {storage or out_dir}: {exc}") from exc
 
@@ -687,7 +699,11 @@ def _search_max_input(spec: ExperimentSpec, settings: list[Setting],
     bmin = -(-spec.search.batch_size.min // spec.search.batch_size.multiple_of) * spec.search.batch_size.multiple_of
     for size in sorted(spec.input_sizes, reverse=True):
         options = [st for st in settings if st[0] == size]
-        options.sort(key=lambda st: (-(predictions[st].batch_size), st[2]))
+        order = {p: i for i, p in enumerate(spec.search.precisions)}
+        # cheapest compute first among settings predicted to fit the minimum batch
+        # (no recomputation, the precision listed first); then the leanest of the rest
+        options.sort(key=lambda st: (predictions[st].batch_size < bmin, st[2], order[st[1]])
+                     if predictions[st].batch_size >= bmin else (True, -predictions[st].batch_size, 0))
         for setting in options:
             if predictions[setting].batch_size < bmin and setting != options[-1] and any(
                     predictions[o].batch_size >= bmin for o in options):
@@ -697,7 +713,6 @@ def _search_max_input(spec: ExperimentSpec, settings: list[Setting],
             pinner = BatchPinner(spec, setting, predictions[setting], plan.limit_bytes)
             record = ledger.run(pinner.candidate(bmin), "predicted", pinner.predicted_peak(bmin))
             if record.result.fits:
-                summaries[setting].measured_batch_size = bmin
                 return record
             say(f"input size {size} does not fit at batch {bmin} with {setting[1]}, ckpt={setting[2]}")
             if predictions[setting].batch_size < bmin:
@@ -728,10 +743,19 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
     best: TrialRecord | None = None
     tried: set[Setting] = set()
 
+    def exact(setting: Setting) -> MaxBatchEstimate:
+        if not predictions[setting].exact:
+            predictions[setting] = predict_max_batch(
+                spec, Candidate(batch_size=spec.search.batch_size.min, input_size=setting[0],
+                                precision=setting[1], checkpoint_segments=setting[2]),
+                plan.device_model, plan.limit_bytes, exact=True)
+            summaries[setting].predicted_batch_size = predictions[setting].batch_size
+        return predictions[setting]
+
     def measure(setting: Setting) -> None:
         nonlocal best
         tried.add(setting)
-        pinner = BatchPinner(spec, setting, predictions[setting], plan.limit_bytes)
+        pinner = BatchPinner(spec, setting, exact(setting), plan.limit_bytes)
         # one trial at the predicted max; step down only on OOM (throughput rarely needs the
         # last sample, and each extra trial costs more than it can gain)
         while pinner.next is not None and not ledger.exhausted:
@@ -769,7 +793,7 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
                 study.tell(asked, state=__import__("optuna").trial.TrialState.PRUNED)
             continue
         tried.add(setting)
-        pinner = BatchPinner(spec, setting, predictions[setting], plan.limit_bytes)
+        pinner = BatchPinner(spec, setting, exact(setting), plan.limit_bytes)
         batch = pinner.next or pinner.lo
         record = ledger.run(pinner.candidate(batch), "explore", pinner.predicted_peak(batch), asked=asked)
         if record.result.fits:
@@ -778,6 +802,14 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
                 best = record
         elif not ledger.exhausted:
             measure(setting)  # step down from an OOM the prediction did not foresee
+    if best is None:
+        # the trial budget ran out before anything fit: keep going, one setting at a time,
+        # rather than report "nothing fits" for settings that were never tried
+        ledger.max_trials = 0
+        for setting in order:
+            if best is not None:
+                break
+            measure(setting)
     say(f"throughput: measured {len(tried)} of {len(settings)} settings ({len(settings) - len(pruned)} pruned by prediction)")
     return best
 

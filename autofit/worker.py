@@ -160,7 +160,8 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
             # warm-up: at least `warmup` steps and until the optimizer holds its state (fp16
             # steps skipped by GradScaler on overflow would hide it)
             extra = 0
-            while steps_run < warmup or (not job.optimizer_has_state() and extra < 8):
+            fp16 = candidate.precision == "fp16"
+            while steps_run < warmup or (fp16 and not job.optimizer_has_state() and extra < 8):
                 if steps_run >= warmup:
                     extra += 1
                 t0 = time.perf_counter()
@@ -208,7 +209,7 @@ def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
         )
         if losses and not all(math.isfinite(v) for v in losses):
             result["warning"] = "loss is NaN/inf in some steps (memory is still measured)"
-        if not job.optimizer_has_state():
+        if candidate.precision == "fp16" and not job.optimizer_has_state():
             result["warning"] = "; ".join(filter(None, [
                 result.get("warning"), "optimizer state never appeared (every fp16 step overflowed)"]))
     except BaseException as exc:  # noqa: BLE001 - a trial's failure is data

@@ -196,3 +196,10 @@ def test_profile_plot_dir_that_is_a_file_is_reported_not_raised(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "cannot write plots" in result.output
     assert "Traceback" not in result.output
+
+
+def test_readme_spec_example_validates(tmp_path: Path):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    result = runner.invoke(app, ["validate", str(write(tmp_path, block))])
+    assert result.exit_code == 0, result.output
