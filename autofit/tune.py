@@ -737,7 +737,9 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
         if cheaper and predictions[st].batch_size < 1.25 * max(predictions[o].batch_size for o in cheaper):
             continue
         pruned.append(st)
-    budget = spec.search.max_trials or max(3, min(len(settings) - 1, 2 * len(pruned) + 2))
+    # one trial per surviving setting plus room for a couple of step-downs, still fewer than
+    # the combinations when prediction prunes any
+    budget = spec.search.max_trials or max(4, min(len(pruned) + 2, 2 * len(pruned)))
     ledger.max_trials = budget
     order = sorted(pruned, key=lambda st: (-predictions[st].batch_size * max(st[0], 1), st[2]))
     best: TrialRecord | None = None
