@@ -132,7 +132,8 @@ def print_tune(console: Console, result: TuneResult) -> None:
                        "yes" if s.pinned else "")
         console.print(st)
         front = result.pareto()
-        console.print("Pareto front (input size, batch) per precision: " + "; ".join(
+        console.print("Pareto front (input size, batch) per precision, measured where tried, "
+                      "else predicted: " + "; ".join(
             f"{p}: " + ", ".join(f"({x['input_size']}, {x['batch_size']})" for x in pts)
             for p, pts in front.items()))
     if result.best is not None:
