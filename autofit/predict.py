@@ -228,9 +228,7 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     start = time.perf_counter()
     rng = spec.search.batch_size
     mult = rng.multiple_of
-    lo_allowed = max(rng.min, mult) if rng.min % mult else rng.min
-    lo_allowed = -(-lo_allowed // mult) * mult
-    hi_allowed = _align_down(rng.max, mult)
+    lo_allowed, hi_allowed = rng.lowest, rng.highest
     # estimates already traced for this setting (e.g. the one `autofit estimate` printed)
     cache: dict[int, MemoryEstimate] = {
         e.candidate.batch_size: e for e in known or []

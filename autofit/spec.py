@@ -81,6 +81,16 @@ class BatchRange:
     multiple_of: int = 1
     """Only batch sizes divisible by this are tried (e.g. 8 for tensor cores)."""
 
+    @property
+    def lowest(self) -> int:
+        """Smallest allowed batch: ``min`` rounded up to a multiple of ``multiple_of``."""
+        return -(-self.min // self.multiple_of) * self.multiple_of
+
+    @property
+    def highest(self) -> int:
+        """Largest allowed batch: ``max`` rounded down to a multiple of ``multiple_of``."""
+        return self.max // self.multiple_of * self.multiple_of
+
 
 @dataclass(frozen=True, kw_only=True)
 class SearchSpec:

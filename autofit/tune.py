@@ -251,10 +251,7 @@ class Ledger:
         if key in self.cache:
             record = self.cache[key]
             if asked is not None:  # the sampler re-proposed a finished point: answer from memory
-                self.study.tell(asked, objective_value(self.spec, record.result)
-                                if record.result.status in (TrialStatus.FITS, TrialStatus.OOM) else None,
-                                state=None if record.result.status in (TrialStatus.FITS, TrialStatus.OOM)
-                                else __import__("optuna").trial.TrialState.FAIL)
+                self._tell(asked, record.result, record.predicted_peak_bytes)
             if record not in self.records:
                 self.records.append(record)
                 self.on_trial(record)
@@ -281,16 +278,17 @@ class Ledger:
                predicted_peak: int | None, steps: int, asked: Any = None) -> int:
         if self.study is None:
             return len(self.records)
-        import optuna
         from optuna.distributions import CategoricalDistribution, IntDistribution
 
+        def choices(values: tuple[Any, ...], value: Any) -> CategoricalDistribution:
+            return CategoricalDistribution(list(values) + ([] if value in values else [value]))
+
         s = self.spec.search
-        sizes = list(self.spec.input_sizes)
         dists = {
             "batch_size": IntDistribution(1, max(s.batch_size.max, candidate.batch_size)),
-            "input_size": CategoricalDistribution(sizes if candidate.input_size in sizes else sizes + [candidate.input_size]),
-            "precision": CategoricalDistribution(list(s.precisions) if candidate.precision in s.precisions else list(s.precisions) + [candidate.precision]),
-            "checkpoint_segments": CategoricalDistribution(list(s.checkpoint_segments) if candidate.checkpoint_segments in s.checkpoint_segments else list(s.checkpoint_segments) + [candidate.checkpoint_segments]),
+            "input_size": choices(self.spec.input_sizes, candidate.input_size),
+            "precision": choices(s.precisions, candidate.precision),
+            "checkpoint_segments": choices(s.checkpoint_segments, candidate.checkpoint_segments),
         }
         if asked is None:
             self.study.enqueue_trial(candidate.to_dict())
@@ -302,6 +300,13 @@ class Ledger:
         trial.set_user_attr("purpose", purpose)
         trial.set_user_attr("steps", steps)
         trial.set_user_attr("predicted_peak_bytes", predicted_peak)
+        self._tell(trial, result, predicted_peak)
+        return trial.number
+
+    def _tell(self, trial: Any, result: TrialResult, predicted_peak: int | None) -> None:
+        """Finish an optuna trial: feasible fit, graded infeasible OOM, or FAIL."""
+        import optuna
+
         peak = result.peak_bytes
         if result.status is TrialStatus.FITS:
             violation = (peak or 0) / self.limit_bytes - 1.0
@@ -315,7 +320,6 @@ class Ledger:
         else:
             trial.set_user_attr("error", result.message)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return trial.number
 
 
 def objective_value(spec: ExperimentSpec, result: TrialResult) -> float:
@@ -352,8 +356,7 @@ class BatchPinner:
                  limit_bytes: int) -> None:
         rng = spec.search.batch_size
         self.mult = rng.multiple_of
-        self.lo = -(-rng.min // self.mult) * self.mult
-        self.hi = rng.max // self.mult * self.mult
+        self.lo, self.hi = rng.lowest, rng.highest
         self.setting = setting
         self.prediction = prediction
         self.limit = limit_bytes
@@ -368,9 +371,7 @@ class BatchPinner:
         return max(self.lo, min(self.hi, batch // self.mult * self.mult))
 
     def candidate(self, batch: int) -> Candidate:
-        size, precision, segments = self.setting
-        return Candidate(batch_size=batch, input_size=size, precision=precision,
-                         checkpoint_segments=segments)
+        return setting_candidate(self.setting, batch)
 
     def predicted_peak(self, batch: int) -> int | None:
         if self.prediction is None:
@@ -568,9 +569,7 @@ def tune(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: boo
     predictions: dict[Setting, MaxBatchEstimate] = {}
     exact = len(settings) <= 2
     for setting in settings:
-        size, precision, segments = setting
-        base = Candidate(batch_size=s.batch_size.min, input_size=size, precision=precision,
-                         checkpoint_segments=segments)
+        base = setting_candidate(setting, s.batch_size.min)
         predictions[setting] = predict_max_batch(spec, base, plan.device_model, plan.limit_bytes,
                                                  exact=exact)
         say(f"predicted max batch {predictions[setting].batch_size:>6} at "
@@ -617,6 +616,24 @@ def _partial(spec: ExperimentSpec, plan: Plan, strategy: str, ledger: Ledger,
         curves={f"{k[0]}/{k[1]}/{k[2]}": v.to_dict() for k, v in predictions.items()},
         wall_time_s=time.perf_counter() - started,
     )
+
+
+def setting_candidate(setting: Setting, batch: int) -> Candidate:
+    size, precision, segments = setting
+    return Candidate(batch_size=batch, input_size=size, precision=precision,
+                     checkpoint_segments=segments)
+
+
+def _exact_prediction(spec: ExperimentSpec, setting: Setting,
+                      predictions: dict[Setting, MaxBatchEstimate],
+                      summaries: dict[Setting, SettingSummary], plan: Plan) -> MaxBatchEstimate:
+    """The setting's prediction pinned by traces (settings are ranked on quick ones)."""
+    if not predictions[setting].exact:
+        predictions[setting] = predict_max_batch(
+            spec, setting_candidate(setting, spec.search.batch_size.min), plan.device_model,
+            plan.limit_bytes, exact=True)
+        summaries[setting].predicted_batch_size = predictions[setting].batch_size
+    return predictions[setting]
 
 
 def _nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Setting]) -> str:
@@ -677,13 +694,8 @@ def _search_max_batch(spec: ExperimentSpec, settings: list[Setting],
             continue
         if ledger.exhausted:
             break
-        if not pred.exact:
-            # settings were ranked on quick predictions; pin from an exact one
-            pred = predictions[setting] = predict_max_batch(
-                spec, Candidate(batch_size=spec.search.batch_size.min, input_size=setting[0],
-                                precision=setting[1], checkpoint_segments=setting[2]),
-                plan.device_model, plan.limit_bytes, exact=True)
-            summaries[setting].predicted_batch_size = pred.batch_size
+        # settings were ranked on quick predictions; pin from an exact one
+        pred = _exact_prediction(spec, setting, predictions, summaries, plan)
         record = _pin(spec, BatchPinner(spec, setting, pred, plan.limit_bytes), ledger,
                       "predicted", summaries[setting])
         if record is not None and _better(best, record):
@@ -696,7 +708,7 @@ def _search_max_input(spec: ExperimentSpec, settings: list[Setting],
                       summaries: dict[Setting, SettingSummary], ledger: Ledger, plan: Plan,
                       say: Callable[[str], None]) -> TrialRecord | None:
     """Largest input size that trains at the minimum batch; per size, the leanest setting first."""
-    bmin = -(-spec.search.batch_size.min // spec.search.batch_size.multiple_of) * spec.search.batch_size.multiple_of
+    bmin = spec.search.batch_size.lowest
     for size in sorted(spec.input_sizes, reverse=True):
         options = [st for st in settings if st[0] == size]
         order = {p: i for i, p in enumerate(spec.search.precisions)}
@@ -745,19 +757,11 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
     best: TrialRecord | None = None
     tried: set[Setting] = set()
 
-    def exact(setting: Setting) -> MaxBatchEstimate:
-        if not predictions[setting].exact:
-            predictions[setting] = predict_max_batch(
-                spec, Candidate(batch_size=spec.search.batch_size.min, input_size=setting[0],
-                                precision=setting[1], checkpoint_segments=setting[2]),
-                plan.device_model, plan.limit_bytes, exact=True)
-            summaries[setting].predicted_batch_size = predictions[setting].batch_size
-        return predictions[setting]
-
     def measure(setting: Setting) -> None:
         nonlocal best
         tried.add(setting)
-        pinner = BatchPinner(spec, setting, exact(setting), plan.limit_bytes)
+        pinner = BatchPinner(spec, setting, _exact_prediction(spec, setting, predictions, summaries, plan),
+                             plan.limit_bytes)
         # one trial at the predicted max; step down only on OOM (throughput rarely needs the
         # last sample, and each extra trial costs more than it can gain)
         while pinner.next is not None and not ledger.exhausted:
@@ -776,6 +780,8 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
         measure(setting)
     # the rest of the budget: optuna's TPE sampler proposes settings (constrained by the OOMs
     # it has seen), each run at that setting's predicted largest batch
+    import optuna
+
     labels = {f"{st[0]}/{st[1]}/{st[2]}": st for st in pruned}
     stale = 0
     while not ledger.exhausted and len(tried) < len(pruned) and stale < 3:
@@ -792,10 +798,11 @@ def _search_throughput(spec: ExperimentSpec, settings: list[Setting],
                 ledger.run(record.result.candidate, record.purpose, record.predicted_peak_bytes,
                            steps=record.steps, asked=asked)
             else:
-                study.tell(asked, state=__import__("optuna").trial.TrialState.PRUNED)
+                study.tell(asked, state=optuna.trial.TrialState.PRUNED)
             continue
         tried.add(setting)
-        pinner = BatchPinner(spec, setting, exact(setting), plan.limit_bytes)
+        pinner = BatchPinner(spec, setting, _exact_prediction(spec, setting, predictions, summaries, plan),
+                             plan.limit_bytes)
         batch = pinner.next or pinner.lo
         record = ledger.run(pinner.candidate(batch), "explore", pinner.predicted_peak(batch), asked=asked)
         if record.result.fits:
