@@ -38,24 +38,23 @@ def parse_bytes(value: str | int | float) -> int:
     )
 
 
+def _format(num_bytes: float, base: int, units: tuple[str, ...]) -> str:
+    value = float(num_bytes)
+    for unit in units:
+        if abs(value) < base or unit == units[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= base
+    raise AssertionError("unreachable")
+
+
 def format_binary(num_bytes: float) -> str:
     """``1.50 GiB``: powers of 1024."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return _format(num_bytes, 1024, ("B", "KiB", "MiB", "GiB", "TiB"))
 
 
 def format_decimal(num_bytes: float) -> str:
     """``1.61 GB``: powers of 1000."""
-    value = float(num_bytes)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+    return _format(num_bytes, 1000, ("B", "kB", "MB", "GB", "TB"))
 
 
 def format_bytes(num_bytes: float) -> str:
