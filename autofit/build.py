@@ -1,12 +1,12 @@
 """Builders: spec -> model, optimizer, synthetic batch, loss. The only place that reads specs.
 
 Components take plain arguments; every failure of user code (import, constructor) becomes a
-``BuildError`` carrying the spec path and the original message.
+one-line ``BuildError`` carrying the spec file line of the section that caused it
+(``exp.yaml:2: model: ...``, from ``ExperimentSpec.where``) and the original message.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import sys
@@ -19,7 +19,7 @@ from torch import nn
 
 from autofit.candidate import Candidate
 from autofit.errors import BuildError
-from autofit.spec import ExperimentSpec
+from autofit.spec import ExperimentSpec, resolve_import
 
 INPUT_SIZE_PLACEHOLDER = "${input_size}"
 
@@ -34,32 +34,32 @@ def add_spec_dir_to_path(spec: ExperimentSpec) -> None:
         sys.path.insert(0, "")
 
 
-def import_object(path: str, what: str = "object") -> Any:
-    """Import ``pkg.module.Name`` (also nested attributes ``pkg.mod.Class.method``)."""
-    parts = path.split(".")
-    error: BaseException | None = None
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                error = exc
-                continue
-            raise BuildError(f"{what} {path!r}: importing {module_name!r} failed: {exc}") from exc
-        except Exception as exc:  # user module raised at import time
-            raise BuildError(
-                f"{what} {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-            ) from exc
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            raise BuildError(
-                f"{what} {path!r}: module {module_name!r} has no attribute {'.'.join(parts[cut:])!r}"
-            ) from None
-        return obj
-    raise BuildError(f"{what} {path!r}: no module named {parts[0]!r} ({error})")
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _target_path(spec: ExperimentSpec, section: str) -> tuple[str, ...]:
+    """YAML path of a section's import path: ``(section, "_target_")``, ``class_path`` or the
+    section itself when it is a plain string."""
+    value = spec.raw.get(section)
+    if isinstance(value, dict):
+        for key in ("class_path", "_target_"):
+            if key in value:
+                return (section, key)
+    return (section,)
+
+
+def import_object(path: str, what: str = "object", *, where: str = "") -> Any:
+    """Import ``pkg.module.Name`` (also nested attributes ``pkg.mod.Class.method``).
+
+    ``where``: message prefix naming the spec line (``spec.where(...)``); the message then
+    reads ``exp.yaml:3: model._target_: cannot import 'x.y': ...``.
+    """
+    obj, why, cause = resolve_import(path)
+    if why:
+        head = f"{where}cannot import {path!r}" if where else f"{what} {path!r}"
+        raise BuildError(f"{head}: {_one_line(why)}") from cause
+    return obj
 
 
 def _substitute(value: Any, input_size: int) -> Any:
@@ -72,37 +72,50 @@ def _substitute(value: Any, input_size: int) -> Any:
     return value
 
 
-def _instantiate(value: Any) -> Any:
+def _instantiate(value: Any, spec: ExperimentSpec | None = None, path: tuple = ()) -> Any:
     """Nested ``{_target_: ...}`` mappings in kwargs are built too (Hydra's recursive mode)."""
     if isinstance(value, dict):
-        built = {k: _instantiate(v) for k, v in value.items() if k != "_target_"}
+        built = {k: _instantiate(v, spec, path + (k,)) for k, v in value.items() if k != "_target_"}
         if "_target_" in value:
-            return import_object(value["_target_"], "model.kwargs target")(**built)
+            where = spec.where(path + ("_target_",)) if spec is not None else ""
+            factory = import_object(value["_target_"], "model.kwargs target", where=where)
+            try:
+                return factory(**built)
+            except BuildError:
+                raise
+            except Exception as exc:
+                raise BuildError(f"{where or 'model.kwargs target: '}{value['_target_']}(...) raised "
+                                 f"{type(exc).__name__}: {_one_line(exc)}") from exc
         return built
     if isinstance(value, list):
-        return [_instantiate(v) for v in value]
+        return [_instantiate(v, spec, path + (i,)) for i, v in enumerate(value)]
     return value
 
 
 def build_model(spec: ExperimentSpec, input_size: int) -> nn.Module:
     """Call the model constructor on the current default device (caller sets it)."""
     add_spec_dir_to_path(spec)
-    factory = import_object(spec.model.target, "model")
+    target = spec.model.target
+    where = spec.where(("model",))
+    factory = import_object(target, "model", where=spec.where(_target_path(spec, "model")))
     if not callable(factory):
-        raise BuildError(f"model {spec.model.target!r} is not callable")
-    kwargs = _instantiate(_substitute(spec.model.kwargs, input_size))
+        raise BuildError(f"{where}{target!r} is not callable (a {type(factory).__name__})")
+    model_raw = spec.raw.get("model")
+    lightning = isinstance(model_raw, dict) and "class_path" in model_raw
+    kwargs = _instantiate(_substitute(spec.model.kwargs, input_size), spec,
+                          ("model", "init_args") if lightning else ("model",))
     try:
         model = factory(**kwargs)
     except BuildError:
         raise
     except TypeError as exc:
-        raise BuildError(f"model {spec.model.target}(**{kwargs}) failed: {exc}") from exc
+        raise BuildError(f"{where}{target}(**{kwargs}) failed: {_one_line(exc)}") from exc
     except Exception as exc:
         raise BuildError(
-            f"model {spec.model.target}(...) raised {type(exc).__name__}: {exc}"
+            f"{where}{target}(...) raised {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
     if not isinstance(model, nn.Module):
-        raise BuildError(f"model {spec.model.target!r} returned {type(model).__name__}, not an nn.Module")
+        raise BuildError(f"{where}{target!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -192,7 +205,9 @@ def apply_checkpointing(model: nn.Module, segments: int, blocks_path: str | None
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module, device_type: str) -> torch.optim.Optimizer:
     """The spec's optimizer; ``foreach`` pinned to what the target device runs by default."""
-    factory = import_object(spec.optimizer.target, "optimizer")
+    where = spec.where(("optimizer",))
+    factory = import_object(spec.optimizer.target, "optimizer",
+                            where=spec.where(_target_path(spec, "optimizer")))
     kwargs = dict(spec.optimizer.kwargs)
     try:
         params = inspect.signature(factory).parameters
@@ -206,8 +221,8 @@ def build_optimizer(spec: ExperimentSpec, model: nn.Module, device_type: str) ->
         return factory(model.parameters(), **kwargs)
     except Exception as exc:
         raise BuildError(
-            f"optimizer {spec.optimizer.target}(**{spec.optimizer.kwargs}) raised "
-            f"{type(exc).__name__}: {exc}"
+            f"{where}{spec.optimizer.target}(**{spec.optimizer.kwargs}) raised "
+            f"{type(exc).__name__}: {_one_line(exc)}"
         ) from exc
 
 
@@ -230,8 +245,8 @@ def input_shape(spec: ExperimentSpec, candidate: Candidate) -> tuple[int, ...]:
     return (b, *data.shape)
 
 
-def make_input(spec: ExperimentSpec, candidate: Candidate, device: torch.device,
-               generator_seed: int = 0) -> torch.Tensor:
+def make_input(spec: ExperimentSpec, candidate: Candidate, device: torch.device) -> torch.Tensor:
+    """A synthetic input batch: token ids below ``vocab_size``, or standard normal floats."""
     shape = input_shape(spec, candidate)
     if spec.data.kind == "tokens":
         assert spec.data.vocab_size is not None
@@ -303,5 +318,5 @@ def build_loss(spec: ExperimentSpec) -> Callable[[Any, torch.Tensor | None], tor
         return cross_entropy
     if spec.loss == "mse":
         return lambda output, target: nn.functional.mse_loss(model_output_tensor(output), target)
-    user = import_object(spec.loss, "loss")
+    user = import_object(spec.loss, "loss", where=spec.where(("loss",)))
     return lambda output, target: user(model_output_tensor(output), target)

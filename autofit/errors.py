@@ -6,6 +6,8 @@ anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AutofitError(Exception):
     """Root of every error autofit raises on purpose."""
@@ -44,3 +46,30 @@ class SearchError(AutofitError):
 
 class OutputDirError(AutofitError):
     """The output directory is in use, exists without --resume/--force, or is locked."""
+
+
+class TuneFailed(AutofitError):
+    """A tune ended without an answer. ``partial`` keeps every trial that finished.
+
+    ``cause`` is the autofit error that stopped it (a ``TrialError``, a ``SearchError`` for
+    "nothing fits", ...); its problems are this error's problems. ``partial`` is a
+    ``TuneResult`` with ``best=None`` (``None`` only when it failed before planning).
+    """
+
+    def __init__(self, cause: AutofitError, partial: Any = None) -> None:
+        self.cause = cause
+        self.partial = partial
+        super().__init__(str(cause))
+
+    @property
+    def problems(self) -> list[str]:
+        return self.cause.problems
+
+
+class TuneInterrupted(TuneFailed):
+    """Ctrl-C or SIGTERM during a tune; ``partial`` keeps every trial that finished."""
+
+    exit_code = 130
+
+    def __init__(self, partial: Any = None) -> None:
+        super().__init__(AutofitError("interrupted"), partial)

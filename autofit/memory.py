@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,12 +25,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from autofit.choices import Category, Phase
+
 _aten = torch.ops.aten
 _BLAS_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.matmul, _aten.linear,
              _aten._scaled_dot_product_efficient_attention,
              _aten._scaled_dot_product_flash_attention_for_cpu}
-CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
-PHASES = ("setup", "data", "forward", "backward", "optimizer", "zero_grad")
 
 
 @dataclass(kw_only=True)
@@ -47,29 +47,28 @@ class MemoryBreakdown:
     """Everything else alive at the peak: outputs, workspace tensors, partial results."""
     peak_bytes: int = 0
     """Peak live tensor bytes (== sum of the categories above)."""
-    peak_phase: str = ""
-    """forward | backward | optimizer | ... : where the peak occurred."""
+    peak_phase: Phase | None = None
+    """Where the peak occurred (None: not known)."""
     peak_step: int = 0
     """1-based training step in which the peak occurred."""
     reserved_bytes: int | None = None
     """CUDA: the caching allocator's reserved peak (measured or modelled)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["peak_phase"] = self.peak_phase.value if self.peak_phase else ""
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryBreakdown:
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        values["peak_phase"] = Phase(values["peak_phase"]) if values.get("peak_phase") else None
+        return cls(**values)
 
     def categories(self) -> dict[str, int]:
-        return {
-            "params": self.params_bytes,
-            "grads": self.grads_bytes,
-            "optimizer_state": self.optimizer_state_bytes,
-            "activations": self.activations_bytes,
-            "temporaries": self.temporaries_bytes,
-        }
+        """Bytes per category, keyed by the category's name."""
+        return {category.value: getattr(self, f"{category.value}_bytes") for category in Category}
 
 
 @dataclass
@@ -78,13 +77,13 @@ class Block:
 
     nbytes: int
     alloc_seq: int
-    phase: str
+    phase: Phase
     step: int
     module: str
     shape: tuple[int, ...]
     dtype: str
     free_seq: int | None = None
-    category: str = ""
+    category: Category | None = None
 
 
 @dataclass
@@ -104,7 +103,7 @@ class BudgetExceeded(torch.OutOfMemoryError):  # type: ignore[misc]
 class TimelinePoint:
     seq: int
     live_bytes: int
-    phase: str
+    phase: Phase
     step: int
     module: str
 
@@ -125,22 +124,20 @@ class MemoryTracker(TorchDispatchMode):
         self.record_timeline = record_timeline
         self.blocks: list[Block] = []
         self._live: dict[int, Block] = {}
-        self._keepalive: dict[int, StorageWeakRef] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_seq = 0
-        self.peak_phase = "setup"
+        self.peak_phase = Phase.SETUP
         self.peak_step = 0
         self.seq = 0
-        self.phase = "setup"
+        self.phase = Phase.SETUP
         self.step = 0
         self.module_stack: list[str] = []
         self.timeline: list[TimelinePoint] = []
-        self.phase_marks: list[tuple[int, str, int]] = []
+        self.phase_marks: list[tuple[int, Phase, int]] = []
         self._hooks: list[Any] = []
         self._module_names: dict[int, str] = {}
         self.modules: dict[str, ModuleRecord] = {}
-        self.forward_end_seq: dict[int, int] = {}
         self.uses_blas = False
         """Whether the step ran matrix products (CUDA: cuBLAS allocates its workspace)."""
 
@@ -149,11 +146,11 @@ class MemoryTracker(TorchDispatchMode):
         r = self.round_to
         return nbytes if r == 1 else max(r, (nbytes + r - 1) // r * r)
 
-    def track(self, tensor: torch.Tensor, category: str = "") -> None:
+    def track(self, tensor: torch.Tensor, category: Category | str | None = None) -> None:
         """Count a tensor created outside the mode (parameters built before tracing)."""
-        self._add(tensor, category)
+        self._add(tensor, Category(category) if category else None)
 
-    def _add(self, tensor: torch.Tensor, category: str = "") -> None:
+    def _add(self, tensor: torch.Tensor, category: Category | None = None) -> None:
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -212,14 +209,15 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     # ----------------------------------------------------------------- phases and tags
-    def set_phase(self, phase: str, step: int | None = None) -> None:
+    def set_phase(self, phase: Phase | str, step: int | None = None) -> None:
         if step is not None:
             self.step = step
-        self.phase = phase
+        self.phase = Phase(phase)
         self.phase_marks.append((self.seq, phase, self.step))
 
-    def tag(self, tensors: Iterable[Any], category: str) -> None:
+    def tag(self, tensors: Iterable[Any], category: Category | str) -> None:
         """Label the live storages of these tensors (grads, optimizer state, ...)."""
+        category = Category(category)
         for t in tensors:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -236,11 +234,11 @@ class MemoryTracker(TorchDispatchMode):
     def end_forward(self) -> None:
         """Blocks made in this forward and still alive are activations (saved for backward)."""
         for block in self._live.values():
-            if block.phase in ("forward", "data") and block.step == self.step and not block.category:
-                block.category = "activations"
-                if block.module in self.modules and block.phase == "forward":
+            if block.phase in (Phase.FORWARD, Phase.DATA) and block.step == self.step \
+                    and not block.category:
+                block.category = Category.ACTIVATIONS
+                if block.module in self.modules and block.phase == Phase.FORWARD:
                     self.modules[block.module].saved_bytes += block.nbytes if self.step == 1 else 0
-        self.forward_end_seq[self.step] = self.seq
 
     # ----------------------------------------------------------------- module attribution
     def attach(self, model: torch.nn.Module) -> None:
@@ -275,15 +273,15 @@ class MemoryTracker(TorchDispatchMode):
 
     def breakdown(self) -> MemoryBreakdown:
         """Categories of the storages alive at the peak moment."""
-        totals = dict.fromkeys(CATEGORIES, 0)
+        totals = dict.fromkeys(Category, 0)
         for block in self.live_at(self.peak_seq):
-            totals[block.category if block.category in totals else "temporaries"] += block.nbytes
+            totals[block.category or Category.TEMPORARIES] += block.nbytes
         return MemoryBreakdown(
-            params_bytes=totals["params"],
-            grads_bytes=totals["grads"],
-            optimizer_state_bytes=totals["optimizer_state"],
-            activations_bytes=totals["activations"],
-            temporaries_bytes=totals["temporaries"],
+            params_bytes=totals[Category.PARAMS],
+            grads_bytes=totals[Category.GRADS],
+            optimizer_state_bytes=totals[Category.OPTIMIZER_STATE],
+            activations_bytes=totals[Category.ACTIVATIONS],
+            temporaries_bytes=totals[Category.TEMPORARIES],
             peak_bytes=self.peak_bytes,
             peak_phase=self.peak_phase,
             peak_step=self.peak_step,
@@ -304,9 +302,8 @@ class PhaseHooks:
     """Callbacks the shared training step calls; the tracker implements them."""
 
     tracker: MemoryTracker | None = None
-    events: list[tuple[str, int]] = field(default_factory=list)
 
-    def phase(self, name: str, step: int | None = None) -> None:
+    def phase(self, name: Phase | str, step: int | None = None) -> None:
         if self.tracker is not None:
             self.tracker.set_phase(name, step)
 
@@ -316,8 +313,8 @@ class PhaseHooks:
 
     def backward_done(self, model: torch.nn.Module) -> None:
         if self.tracker is not None:
-            self.tracker.tag([p.grad for p in model.parameters() if p.grad is not None], "grads")
+            self.tracker.tag([p.grad for p in model.parameters() if p.grad is not None], Category.GRADS)
 
     def optimizer_done(self, optimizer: torch.optim.Optimizer) -> None:
         if self.tracker is not None:
-            self.tracker.tag(state_tensors(optimizer), "optimizer_state")
+            self.tracker.tag(state_tensors(optimizer), Category.OPTIMIZER_STATE)

@@ -7,6 +7,7 @@ never touched), and a missing install raises ``ImportError`` with the install hi
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,101 +156,151 @@ def _setting_key(config: dict[str, Any]) -> str:
     return f"{config.get('input_size')}/{config.get('precision')}/{config.get('checkpoint_segments')}"
 
 
-def plot_batch_curve(results: dict[str, Any], path: str | Path) -> str:
-    """Peak memory vs batch size for the best setting of a tune ``results`` dict.
+@dataclass
+class BatchCurvePlot:
+    """What the peak-vs-batch plot draws: one setting's predicted line and its evidence."""
 
-    The predicted line (``curves``), its trace points, the measured trials of that setting
-    (fits: dots, OOM: x), the budget and limit lines and the chosen config. Returns
-    "wrote NAME", or "skipped NAME: why" when the results hold no curve to draw.
-    """
-    name = Path(path).name
-    curves: dict[str, Any] = results.get("curves") or {}
-    best = results.get("best") or None
-    trials = [t for t in results.get("trials") or [] if isinstance(t.get("config"), dict)]
-    if best:
-        key = _setting_key(best)
-    elif trials:
-        counts: dict[str, int] = {}
-        for t in trials:
-            counts[_setting_key(t["config"])] = counts.get(_setting_key(t["config"]), 0) + 1
-        key = max(counts, key=lambda k: counts[k])
-    else:
-        key = next(iter(curves), "")
-    curve = curves.get(key)
-    if curve is None and len(curves) == 1:
-        key, curve = next(iter(curves.items()))
-    if curve is None:
-        return f"skipped {name}: no predicted curve for setting {key or '?'} in the results"
-    if isinstance(curve.get("curve"), dict):  # MaxBatchEstimate.to_dict(): the line inside
-        curve = curve["curve"]
-    fig, ax = _figure(9.0, 5.5)
-    intercept = float(curve.get("intercept_bytes", 0.0))
-    slope = float(curve.get("slope_bytes_per_sample", 0.0))
-    points = [(int(b), int(v)) for b, v in curve.get("points") or []]
-    mine = [t for t in trials if _setting_key(t["config"]) == key]
-    batches = [b for b, _ in points] + [int(t["config"]["batch_size"]) for t in mine]
-    if best:
-        batches.append(int(best["batch_size"]))
-    profiled = results.get("profiled") or None
-    if profiled:
-        batches.append(int(profiled["batch_size"]))
-    budget = results.get("budget_bytes") or None
-    margin = float(results.get("margin") or 0.0)
-    limit = results.get("limit_bytes") or (int(budget * (1 - margin)) if budget else None)
-    # The axis covers what matters: trials, the chosen and profiled batches and where the line
-    # crosses the budget; boundary traces far above it (the search clamps overshooting guesses
-    # to the spec's max batch) would squash the plot, so they are only counted in the legend.
-    focus = list(batches[len(points):])
-    cap = budget or limit
-    if not best and slope > 0 and cap:
-        focus.append(int((cap - intercept) / slope))
-    x_max = max((focus or [b for b, _ in points]) + [1]) * 1.2
-    beyond = [p for p in points if p[0] > x_max]
-    points = [p for p in points if p[0] <= x_max]
-    fitted_top = intercept + slope * x_max
-    values = [v for _, v in points] + [fitted_top] + [
-        t.get("measured_peak_bytes") or 0 for t in mine]
-    peak_top = max(values + [1])
-    top = max([peak_top] + [v for v in (budget, limit) if v and v <= OFF_SCALE * peak_top])
-    scale, unit = _unit(top)
+    name: str
+    setting_key: str
+    """``"size/precision/segments"``."""
+    intercept_bytes: float
+    slope_bytes_per_sample: float
+    points: list[tuple[int, int]]
+    """Traced (batch, peak bytes)."""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """This setting's trials as results.json holds them (config, status, peaks)."""
+    best: dict[str, Any] | None = None
+    """The chosen (or predicted, ``predicted: True``) config: batch_size, peak_bytes."""
+    budget_bytes: int | None = None
+    limit_bytes: int | None = None
+    margin: float = 0.0
+    profiled: tuple[int, int] | None = None
+    """(batch, peak bytes) of a profiled step."""
 
-    ax.plot([0, x_max], [intercept / scale, fitted_top / scale], color="#1f77b4", linewidth=1.5,
-            label=f"predicted: {format_binary(intercept)} + {format_binary(slope)} per sample")
+    @classmethod
+    def from_results(cls, results: dict[str, Any]) -> BatchCurvePlot:
+        """The best setting's curve from a tune's results (the most-tried one without a best).
+
+        Raises ``ValueError`` when the results hold no curve for it.
+        """
+        curves: dict[str, Any] = results.get("curves") or {}
+        best = results.get("best") or None
+        trials = [t for t in results.get("trials") or [] if isinstance(t.get("config"), dict)]
+        if best:
+            key = _setting_key(best)
+        elif trials:
+            counts: dict[str, int] = {}
+            for t in trials:
+                counts[_setting_key(t["config"])] = counts.get(_setting_key(t["config"]), 0) + 1
+            key = max(counts, key=lambda k: counts[k])
+        else:
+            key = next(iter(curves), "")
+        curve = curves.get(key)
+        if curve is None and len(curves) == 1:
+            key, curve = next(iter(curves.items()))
+        if curve is None:
+            raise ValueError(f"no predicted curve for setting {key or '?'} in the results")
+        if isinstance(curve.get("curve"), dict):  # MaxBatchEstimate.to_dict(): the line inside
+            curve = curve["curve"]
+        return cls(
+            name=results.get("name") or "experiment", setting_key=key,
+            intercept_bytes=float(curve.get("intercept_bytes", 0.0)),
+            slope_bytes_per_sample=float(curve.get("slope_bytes_per_sample", 0.0)),
+            points=[(int(b), int(v)) for b, v in curve.get("points") or []],
+            trials=[t for t in trials if _setting_key(t["config"]) == key], best=best,
+            budget_bytes=results.get("budget_bytes") or None,
+            limit_bytes=results.get("limit_bytes") or None,
+            margin=float(results.get("margin") or 0.0),
+        )
+
+    @property
+    def limit(self) -> int | None:
+        if self.limit_bytes:
+            return self.limit_bytes
+        return int(self.budget_bytes * (1 - self.margin)) if self.budget_bytes else None
+
+    def x_max(self) -> float:
+        """The axis covers what matters: trials, the chosen and profiled batches and where the
+        line crosses the budget; boundary traces far above it (the search clamps overshooting
+        guesses to the spec's max batch) would squash the plot."""
+        focus = [int(t["config"]["batch_size"]) for t in self.trials]
+        if self.best:
+            focus.append(int(self.best["batch_size"]))
+        if self.profiled:
+            focus.append(self.profiled[0])
+        cap = self.budget_bytes or self.limit
+        if not self.best and self.slope_bytes_per_sample > 0 and cap:
+            focus.append(int((cap - self.intercept_bytes) / self.slope_bytes_per_sample))
+        return max((focus or [b for b, _ in self.points]) + [1]) * 1.2
+
+    def peak_at(self, batch: float) -> float:
+        return self.intercept_bytes + self.slope_bytes_per_sample * batch
+
+
+def _draw_evidence(ax: Any, plot: BatchCurvePlot, x_max: float, scale: float) -> None:
+    """Predicted line, traces within the axis, measured fits and OOMs."""
+    points = [p for p in plot.points if p[0] <= x_max]
+    beyond = len(plot.points) - len(points)
+    ax.plot([0, x_max], [plot.intercept_bytes / scale, plot.peak_at(x_max) / scale],
+            color="#1f77b4", linewidth=1.5,
+            label=f"predicted: {format_binary(plot.intercept_bytes)} + "
+                  f"{format_binary(plot.slope_bytes_per_sample)} per sample")
     if points:
-        more = f"; {len(beyond)} more beyond the axis" if beyond else ""
+        more = f"; {beyond} more beyond the axis" if beyond else ""
         ax.plot([b for b, _ in points], [v / scale for _, v in points], "o", color="#1f77b4",
                 markerfacecolor="white", label=f"traced (fake tensors{more})")
-    fits = [t for t in mine if t.get("status") == "fits" and t.get("measured_peak_bytes")]
-    ooms = [t for t in mine if t.get("status") == "oom"]
+    fits = [t for t in plot.trials if t.get("status") == "fits" and t.get("measured_peak_bytes")]
+    ooms = [t for t in plot.trials if t.get("status") == "oom"]
     if fits:
         ax.plot([t["config"]["batch_size"] for t in fits],
                 [t["measured_peak_bytes"] / scale for t in fits], "o", color="#2ca02c",
                 label="measured: fits")
     if ooms:
-        ys = [(t.get("measured_peak_bytes") or t.get("predicted_peak_bytes") or limit or 0) / scale
-              for t in ooms]
+        ys = [(t.get("measured_peak_bytes") or t.get("predicted_peak_bytes") or plot.limit or 0)
+              / scale for t in ooms]
         ax.plot([t["config"]["batch_size"] for t in ooms], ys, "x", color="red", markersize=9,
                 markeredgewidth=2, label="measured: out of memory")
-    off = _lines(ax, peak_top, scale, unit, [
-        ("budget", budget, "red", "--"),
-        (f"limit (budget x (1 - {margin:g}))", limit, "orange", ":"),
-    ])
-    if best:
-        b = int(best["batch_size"])
-        y = best.get("peak_bytes") or best.get("predicted_peak_bytes") or intercept + slope * b
-        what = "predicted max batch" if best.get("predicted") else "chosen"
+
+
+def _draw_marks(ax: Any, plot: BatchCurvePlot, scale: float) -> None:
+    """The chosen (or predicted) config and the profiled batch."""
+    if plot.best:
+        b = int(plot.best["batch_size"])
+        y = plot.best.get("peak_bytes") or plot.best.get("predicted_peak_bytes") or plot.peak_at(b)
+        what = "predicted max batch" if plot.best.get("predicted") else "chosen"
         ax.plot([b], [y / scale], "*", color="gold", markeredgecolor="black", markersize=16,
                 label=f"{what}: batch {b} ({format_binary(y)})")
-    if profiled:
-        b, y = int(profiled["batch_size"]), profiled.get("peak_bytes") or intercept + slope * int(
-            profiled["batch_size"])
+    if plot.profiled:
+        b, y = plot.profiled
         ax.plot([b], [y / scale], "D", color="#9467bd", markersize=7,
                 label=f"profiled: batch {b} ({format_binary(y)})")
+
+
+def plot_batch_curve(plot: BatchCurvePlot, path: str | Path) -> str:
+    """Peak memory vs batch size for one setting: the predicted line, its trace points, the
+    measured trials (fits: dots, OOM: x), the budget and limit lines and the chosen config.
+    Returns "wrote NAME"."""
+    fig, ax = _figure(9.0, 5.5)
+    x_max = plot.x_max()
+    values = [v for b, v in plot.points if b <= x_max] + [plot.peak_at(x_max)] + [
+        t.get("measured_peak_bytes") or 0 for t in plot.trials]
+    peak_top = max(values + [1])
+    limit = plot.limit
+    top = max([peak_top] + [v for v in (plot.budget_bytes, limit)
+                            if v and v <= OFF_SCALE * peak_top])
+    scale, unit = _unit(top)
+    _draw_evidence(ax, plot, x_max, scale)
+    off = _lines(ax, peak_top, scale, unit, [
+        ("budget", plot.budget_bytes, "red", "--"),
+        (f"limit (budget x (1 - {plot.margin:g}))", limit, "orange", ":"),
+    ])
+    _draw_marks(ax, plot, scale)
+    key = plot.setting_key
     size, precision, segments = key.split("/") if key.count("/") == 2 else (key, "", "")
-    title = f"{results.get('name') or 'experiment'}: peak memory vs batch size"
     detail = (f"input size {size}, " if size not in ("", "0") else "") + precision + (
         f", {segments} checkpoint segments" if segments not in ("", "0") else "")
-    ax.set_title(title + f"\n{detail}" + ("; " + "; ".join(off) if off else ""), fontsize=10)
+    ax.set_title(f"{plot.name}: peak memory vs batch size\n{detail}"
+                 + ("; " + "; ".join(off) if off else ""), fontsize=10)
     ax.set_xlabel("batch size (per device)")
     ax.set_ylabel(f"peak memory ({unit})")
     ax.set_xlim(0, x_max)

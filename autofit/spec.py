@@ -2,29 +2,41 @@
 
 ``load_spec`` collects *every* problem before raising, one line each, naming the YAML path,
 the bad value and the file line (``exp.yaml:12: search.batch_size.min: must be >= 1, got 0``).
-Unknown keys are errors with a "did you mean" hint. The spec is the interface: components
-never see these objects' raw dicts, the builders map spec -> components.
+Unknown keys are errors with a "did you mean" hint. In the same pass ``load_spec`` resolves
+every import path (model, nested ``_target_`` in model kwargs, optimizer, loss, step) with
+``importlib.util.find_spec`` and attribute lookup, calling nothing, so a misspelled key and an
+unimportable target are reported together (``spec_from_dict`` does this only when asked:
+``check_imports=True``). The spec keeps its YAML line map so that build errors can name the
+file line too (``ExperimentSpec.where``). The spec is the interface: components never see
+these objects' raw dicts, the builders map spec -> components.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
+import importlib
+import importlib.util
 import json
+import pkgutil
+import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from autofit.choices import Objective, Precision, Strategy
 from autofit.errors import SpecError
 from autofit.units import parse_bytes
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
-OBJECTIVES: tuple[str, ...] = ("max_batch", "max_throughput", "max_input_size")
-STRATEGIES: tuple[str, ...] = ("auto", "binary", "optuna")
+PRECISIONS: tuple[str, ...] = Precision.values()
+OBJECTIVES: tuple[str, ...] = Objective.values()
+STRATEGIES: tuple[str, ...] = Strategy.values()
 CPU_LIMITS: tuple[str, ...] = ("budget", "rlimit")
 SCRIPTS: tuple[str, ...] = ("slurm", "lsf", "torchrun")
 BUILTIN_LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "model")
@@ -97,11 +109,11 @@ class SearchSpec:
     batch_size: BatchRange = field(default_factory=BatchRange)
     input_sizes: tuple[int, ...] = ()
     """Image side in pixels or sequence length; empty = the data section's size only."""
-    precisions: tuple[str, ...] = ("fp32",)
+    precisions: tuple[Precision, ...] = (Precision.FP32,)
     checkpoint_segments: tuple[int, ...] = (0,)
     """0 = no activation checkpointing; K = split the blocks into K checkpointed segments."""
-    objective: Literal["max_batch", "max_throughput", "max_input_size"] = "max_batch"
-    strategy: Literal["auto", "binary", "optuna"] = "auto"
+    objective: Objective = Objective.MAX_BATCH
+    strategy: Strategy = Strategy.AUTO
     steps_per_trial: int = 3
     """Timed steps per trial, after the warm-up steps."""
     warmup_steps: int = 2
@@ -155,6 +167,13 @@ class ExperimentSpec:
     source_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The YAML as loaded, used to write tuned.yaml with the same keys the user wrote."""
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict, compare=False, repr=False)
+    """YAML path -> 1-based file line (empty when the spec did not come from a file)."""
+
+    def where(self, path: tuple[Any, ...] = ()) -> str:
+        """Message prefix naming the file line of a YAML path: ``"exp.yaml:12: model: "``
+        (``"exp.yaml: optimizer: "`` for a section the file does not have)."""
+        return _where(self.source_path, self.lines, path, top=False)[1]
 
     @property
     def default_input_size(self) -> int:
@@ -177,41 +196,68 @@ class ExperimentSpec:
 # --------------------------------------------------------------------------- loading
 
 
+def _dotted(path: tuple[Any, ...]) -> str:
+    """``("search", "precision", 0)`` -> ``search.precision[0]``."""
+    dotted = ".".join(
+        f"[{p}]" if isinstance(p, int) else (str(p) if str(p).isprintable() and str(p).strip() and "." not in str(p) else repr(p))
+        for p in path)
+    return dotted.replace(".[", "[")
+
+
+def _where(source: str | None, lines: dict[tuple[Any, ...], int], path: tuple[Any, ...],
+           *, top: bool = True) -> tuple[int, str]:
+    """(file line or 0, ``"source:LINE: yaml.path: "``): the line of the nearest known parent
+    (``top``: the file's first line when only the top level is known)."""
+    key = path
+    while key and key not in lines:
+        key = key[:-1]
+    line = lines.get(key, 0) if key or top or not path else 0
+    prefix = "" if not source else f"{source}:{line}: " if line else f"{source}: "
+    return line, f"{prefix}{_dotted(path) or '(top level)'}: "
+
+
 class _Problems:
-    """Collects problems with YAML paths and file lines."""
+    """Collects problems with YAML paths and file lines, and the import paths to resolve."""
 
     def __init__(self, source: str, lines: dict[tuple[Any, ...], int]) -> None:
         self.source = source
         self.lines = lines
         self.items: list[str] = []
+        self.line_numbers: list[int] = []
+        self.imports: list[tuple[tuple[Any, ...], str]] = []
+        """(YAML path, import path) of every syntactically valid import path in the spec."""
 
     def add(self, path: tuple[Any, ...], message: str) -> None:
-        key = path
-        while key and key not in self.lines:
-            key = key[:-1]
-        line = self.lines.get(key)
-        where = f"{self.source}:{line}: " if line else f"{self.source}: "
-        dotted = ".".join(
-            f"[{p}]" if isinstance(p, int) else (str(p) if str(p).isprintable() and str(p).strip() and "." not in str(p) else repr(p))
-            for p in path)
-        dotted = dotted.replace(".[", "[")
+        line, where = _where(self.source, self.lines, path)
         message = message.replace("\n", "\\n").replace("\r", "\\r")
-        self.items.append(f"{where}{dotted or '(top level)'}: {message}")
+        self.items.append(f"{where}{message}")
+        self.line_numbers.append(line)
+
+    def sorted_items(self) -> list[str]:
+        """The problems in file-line order (stable: same line or no line keeps found order)."""
+        order = sorted(range(len(self.items)), key=self.line_numbers.__getitem__)
+        return [self.items[i] for i in order]
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None,
+              active: set[int] | None = None) -> dict:
     """YAML path -> 1-based line, from the composed node tree."""
     out = {} if out is None else out
+    active = set() if active is None else active
     out[path] = node.start_mark.line + 1
+    if id(node) in active:  # an alias of an enclosing node (``&a [*a]``): do not recurse
+        return out
+    active.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
             out[path + (key,)] = key_node.start_mark.line + 1
-            _line_map(value_node, path + (key,), out)
+            _line_map(value_node, path + (key,), out, active)
             out[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _line_map(item, path + (index,), out)
+            _line_map(item, path + (index,), out, active)
+    active.discard(id(node))
     return out
 
 
@@ -273,7 +319,22 @@ def _import_path(p: _Problems, path: tuple, value: Any) -> str:
     ):
         p.add(path, f"must be an import path like 'package.module.Name', got {value!r}")
         return ""
+    p.imports.append((path, value))
     return value
+
+
+def _nested_targets(p: _Problems, path: tuple, value: Any, seen: set[int] | None = None) -> None:
+    """Check the ``_target_`` of mappings nested in model kwargs (built recursively)."""
+    seen = set() if seen is None else seen
+    if not isinstance(value, dict | list) or id(value) in seen:
+        return  # YAML aliases can make a structure contain itself
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if key == "_target_" and isinstance(value, dict):
+            _import_path(p, path + (key,), item)
+        else:
+            _nested_targets(p, path + (key,), item, seen)
 
 
 def _callable_section(p: _Problems, path: tuple, value: Any, extra: tuple[str, ...] = ()
@@ -430,7 +491,8 @@ def _load_search(p: _Problems, raw: dict) -> SearchSpec:
         p.add(("search", "precision"), f"must be a list from fp32, fp16, bf16, got {precisions!r}")
         precisions = ["fp32"]
     precs = tuple(dict.fromkeys(
-        _choice(p, ("search", "precision", i), v, PRECISIONS, "fp32") for i, v in enumerate(precisions)
+        Precision(_choice(p, ("search", "precision", i), v, PRECISIONS, "fp32"))
+        for i, v in enumerate(precisions)
     ))
     segments = _int_list(p, ("search", "checkpoint_segments"), s.get("checkpoint_segments", [0]),
                          minimum=0) or (0,)
@@ -442,10 +504,10 @@ def _load_search(p: _Problems, raw: dict) -> SearchSpec:
         input_sizes=input_sizes,
         precisions=precs,
         checkpoint_segments=segments,
-        objective=_choice(p, ("search", "objective"), s.get("objective", "max_batch"), OBJECTIVES,
-                          "max_batch"),  # type: ignore[arg-type]
-        strategy=_choice(p, ("search", "strategy"), s.get("strategy", "auto"), STRATEGIES,
-                         "auto"),  # type: ignore[arg-type]
+        objective=Objective(_choice(p, ("search", "objective"), s.get("objective", "max_batch"),
+                                    OBJECTIVES, "max_batch")),
+        strategy=Strategy(_choice(p, ("search", "strategy"), s.get("strategy", "auto"),
+                                  STRATEGIES, "auto")),
         steps_per_trial=_int(p, ("search", "steps_per_trial"), s.get("steps_per_trial", 3),
                              minimum=1, maximum=1000, default=3),
         warmup_steps=_int(p, ("search", "warmup_steps"), s.get("warmup_steps", 2), minimum=2,
@@ -548,12 +610,146 @@ def _device(p: _Problems, value: Any) -> str:
     return "auto"
 
 
+# --------------------------------------------------------------------------- import paths
+
+
+def _raised(name: str, exc: BaseException) -> str:
+    return f"importing {name!r} raised {type(exc).__name__}: {exc}"
+
+
+def _close(name: str, candidates: Any) -> str | None:
+    try:
+        names = [c for c in candidates if isinstance(c, str) and not c.startswith("_")]
+    except Exception:  # a user object with a broken __dir__
+        return None
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _submodule_names(module: Any) -> list[str]:
+    search = getattr(module, "__path__", None)
+    if search is None:
+        return []
+    try:
+        return [info.name for info in pkgutil.iter_modules(search)]
+    except Exception:
+        return []
+
+
+def _find(name: str) -> tuple[bool, bool]:
+    """(module exists, is a package) without importing it (its parents are imported)."""
+    module = sys.modules.get(name)
+    if module is not None:  # also covers modules without __spec__, like a script's __main__
+        return True, hasattr(module, "__path__")
+    found = importlib.util.find_spec(name)
+    return found is not None, found is not None and found.submodule_search_locations is not None
+
+
+def _longest_module(parts: list[str]) -> tuple[Any, int, str, BaseException | None]:
+    """(module, number of parts it spans, why not, cause) for the longest importable prefix."""
+    try:
+        exists, package = _find(parts[0])
+    except (Exception, SystemExit) as exc:  # user code runs: catch what it can raise
+        return None, 0, _raised(parts[0], exc), exc
+    if not exists:
+        top = [info.name for info in pkgutil.iter_modules()] + list(sys.builtin_module_names)
+        match = _close(parts[0], top)
+        hint = f"; did you mean {'.'.join([match, *parts[1:]])!r}?" if match else ""
+        return None, 0, f"no module named {parts[0]!r}{hint}", None
+    cut = 1
+    while cut < len(parts) and package:
+        try:  # imports the parent package
+            exists, package = _find(".".join(parts[:cut + 1]))
+        except (Exception, SystemExit) as exc:
+            return None, 0, _raised(".".join(parts[:cut]), exc), exc
+        if not exists:
+            break
+        cut += 1
+    name = ".".join(parts[:cut])
+    try:
+        return importlib.import_module(name), cut, "", None
+    except (Exception, SystemExit) as exc:
+        return None, 0, _raised(name, exc), exc
+
+
+def resolve_import(target: str) -> tuple[Any, str, BaseException | None]:
+    """Resolve ``pkg.mod.Name[.attr...]`` without calling it: ``(object, "", None)``, or
+    ``(None, why, cause)`` with a "did you mean" where one is close (``cause``: the exception
+    user code raised, if any). Imports the modules on the way, as building would."""
+    parts = target.split(".")
+    obj, cut, why, cause = _longest_module(parts)
+    if obj is None:
+        return None, why, cause
+    for i in range(cut, len(parts)):
+        owner, name = ".".join(parts[:i]), parts[i]
+        try:
+            obj = getattr(obj, name)
+            continue
+        except AttributeError:
+            pass
+        except Exception as exc:  # a module __getattr__ or descriptor raised
+            return None, f"looking up {'.'.join(parts[:i + 1])!r} raised {type(exc).__name__}: {exc}", exc
+        is_module = isinstance(obj, types.ModuleType)
+        submodules = _submodule_names(obj) if is_module else []
+        try:
+            attributes = dir(obj)
+        except Exception:
+            attributes = []
+        match = _close(name, [*attributes, *submodules])
+        hint = f"; did you mean {'.'.join([*parts[:i], match, *parts[i + 1:]])!r}?" if match else ""
+        if submodules and i < len(parts) - 1:
+            return None, f"no module named {owner + '.' + name!r}{hint}", None
+        kind = "module " if is_module else ""
+        return None, f"{kind}{owner!r} has no attribute {name!r}{hint}", None
+    return obj, "", None
+
+
+@contextlib.contextmanager
+def _spec_dir_on_path(source: str) -> Iterator[None]:
+    """Modules next to the spec file and in the working directory importable, as at build
+    time (``build.add_spec_dir_to_path``); sys.path is restored afterwards."""
+    added = []
+    if source and source != "<spec>":
+        folder = str(Path(source).resolve().parent)
+        if folder not in sys.path:
+            added.append(folder)
+    if "" not in sys.path and "." not in sys.path:
+        added.append("")
+    for entry in added:
+        sys.path.insert(0, entry)
+    importlib.invalidate_caches()  # files written since the last import are seen
+    try:
+        yield
+    finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
+
+
+def _check_imports(p: _Problems) -> None:
+    """One problem per import path of the spec that does not resolve."""
+    seen: dict[str, str] = {}
+    with _spec_dir_on_path(p.source):
+        for path, target in p.imports:
+            if target not in seen:
+                seen[target] = resolve_import(target)[1]
+            if seen[target]:
+                p.add(path, f"cannot import {target!r}: {seen[target]}")
+
+
 TOP_LEVEL_KEYS = ("name", "model", "data", "loss", "optimizer", "device", "memory", "search",
-                  "targets", "output", "step")
+                  "targets", "output", "step", "autofit_tuned")
+"""``autofit_tuned`` is the tuned values a ``tuned.yaml`` carries for the training script
+(``autofit.load_tuned``); a spec that has it is still a spec, and the key is not validated here."""
 
 
-def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None) -> ExperimentSpec:
-    """Validate a loaded YAML mapping. Raises SpecError listing every problem."""
+def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, *,
+                   check_imports: bool = False) -> ExperimentSpec:
+    """Validate a loaded YAML mapping. Raises SpecError listing every problem.
+
+    ``check_imports``: also resolve every import path (off by default: results.json and the
+    trial process re-read specs where the model's code may not be importable).
+    """
     p = _Problems(source, lines or {})
     if not isinstance(raw, dict):
         p.add((), f"the spec must be a YAML mapping, got {type(raw).__name__}")
@@ -574,6 +770,8 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None) 
             p.add(("model", "blocks"), f"must be an attribute path like 'transformer.h', got {blocks!r}")
             blocks = None
         model = ModelSpec(target=target, kwargs=kwargs, blocks=blocks)
+        lightning = isinstance(raw["model"], dict) and "class_path" in raw["model"]
+        _nested_targets(p, ("model", "init_args") if lightning else ("model",), kwargs)
     data = _load_data(p, raw)
     loss = raw.get("loss", "cross_entropy")
     if not isinstance(loss, str) or (loss not in BUILTIN_LOSSES and "." not in loss):
@@ -610,14 +808,19 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None) 
         step=step,
         source_path=source if source != "<spec>" else None,
         raw=copy.deepcopy(raw),
+        lines=dict(lines or {}),
     )
+    if check_imports:
+        _check_imports(p)
     if p.items:
-        raise SpecError(p.items, source)
+        raise SpecError(p.sorted_items(), source)
     return spec
 
 
-def load_spec(path: str | Path) -> ExperimentSpec:
-    """Read and validate a YAML experiment spec. Raises SpecError with every problem."""
+def load_spec(path: str | Path, *, check_imports: bool = True) -> ExperimentSpec:
+    """Read and validate a YAML experiment spec. Raises SpecError with every problem, the
+    import paths that do not resolve included (``check_imports``; modules next to the spec
+    file are importable)."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -639,5 +842,5 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if raw is None:
         raise SpecError([f"{source}: the file is empty"], source)
     lines = _line_map(node) if node is not None else {}
-    spec = spec_from_dict(raw, source, lines)
+    spec = spec_from_dict(raw, source, lines, check_imports=check_imports)
     return replace(spec, source_path=str(path.resolve()))

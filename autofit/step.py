@@ -26,11 +26,12 @@ from autofit.build import (
     model_output_tensor,
 )
 from autofit.candidate import Candidate
+from autofit.choices import Phase, Precision
 from autofit.errors import BuildError
 from autofit.memory import PhaseHooks
 from autofit.spec import ExperimentSpec
 
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 # A lower first loss scale than GradScaler's 2**16 so synthetic fp16 steps do not all overflow
 # and skip optimizer.step() (which would hide the optimizer state from the measurement).
 FP16_INIT_SCALE = 2.0**10
@@ -76,8 +77,6 @@ class TrainingJob:
         self.fake = fake
         self.hooks = hooks or PhaseHooks()
         add_spec_dir_to_path(spec)
-        if candidate.precision not in ("fp32", "fp16", "bf16"):
-            raise BuildError(f"unknown precision {candidate.precision!r}")
         with torch.device(device):
             model = model_factory() if model_factory else build_model(spec, candidate.input_size)
         model.train()
@@ -87,18 +86,18 @@ class TrainingJob:
         self.user_step = import_object(spec.step, "step") if spec.step else None
         self.autocast_dtype = AUTOCAST_DTYPES.get(candidate.precision)
         self.scaler: Any = None
-        if candidate.precision == "fp16":
+        if candidate.precision == Precision.FP16:
             self.scaler = (TraceGradScaler(device) if fake else
                            torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE))
         self._target_shape: torch.Size | None = None
         self.steps_done = 0
-        self.last_loss: float | None = None
 
     def parameters_and_buffers(self) -> Iterator[torch.Tensor]:
         yield from self.model.parameters()
         yield from self.model.buffers()
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The candidate's autocast context (a no-op in fp32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -107,15 +106,15 @@ class TrainingJob:
         """One full training step. Returns the (detached) loss."""
         hooks = self.hooks
         self.steps_done += 1
-        hooks.phase("data", self.steps_done)
+        hooks.phase(Phase.DATA, self.steps_done)
         if self.user_step is None:
             x = make_input(self.spec, self.candidate, self.device)
             # Targets come with the batch, as from a data loader; their shape follows the
             # model's output, learned in the first step.
             y = (make_target(self.spec, self._target_shape, self.device)
                  if self._target_shape is not None and self.spec.loss != "model" else None)
-        hooks.phase("forward")
-        with self._autocast():
+        hooks.phase(Phase.FORWARD)
+        with self.autocast():
             if self.user_step is not None:
                 loss = self.user_step(self.model, self.candidate.batch_size,
                                       self.candidate.input_size, self.device)
@@ -129,7 +128,7 @@ class TrainingJob:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise BuildError(f"the step's loss must be a one-element tensor, got {type(loss).__name__}")
         hooks.forward_done()
-        hooks.phase("backward")
+        hooks.phase(Phase.BACKWARD)
         # `output` stays referenced through backward, as in the common training loop
         # (`out = model(x); loss = crit(out, y); loss.backward()`): it changes the peak.
         if self.scaler is not None:
@@ -137,14 +136,14 @@ class TrainingJob:
         else:
             loss.backward()
         hooks.backward_done(self.model)
-        hooks.phase("optimizer")
+        hooks.phase(Phase.OPTIMIZER)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         hooks.optimizer_done(self.optimizer)
-        hooks.phase("zero_grad")
+        hooks.phase(Phase.ZERO_GRAD)
         self.optimizer.zero_grad(set_to_none=True)
         del output
         return loss.detach()

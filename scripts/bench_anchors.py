@@ -14,9 +14,9 @@ anchor returns an unrun or non-fitting batch are listed.
 
 Contenders, each on CPU, fp32, same model, optimizer, loss and synthetic data (the zoo case's
 spec, ``scripts/_zoo_cases.py``) and the same memory limit, budget x (1 - margin) =
-``autofit.tune.plan_limits(spec).limit_bytes``:
+``autofit.search.plan.plan_limits(spec).limit_bytes``:
 
-* ``autofit``: ``autofit.tune.tune(spec)`` (in-memory study), ``steps_per_trial 3`` (each trial
+* ``autofit``: ``autofit.search.tuner.run_search(spec)`` (in-memory study), ``steps_per_trial 3`` (each trial
   runs 2 warm-up + 3 timed steps in its own forked process) and ``verify_steps 10`` (the
   winner re-runs 2 + 10 steps). Its trials enforce the limit with
   ``autofit.memory.MemoryTracker(limit_bytes=...)``. A variant row, ``autofit lean``, runs
@@ -74,7 +74,7 @@ Columns (one row per case x contender):
   included; autofit's fork server is started before the clock, as the anchors' imports are);
   ``x autofit``: that over autofit's;
 * ``returned``: the batch the tool returns; ``true max``: the largest batch that fits,
-  from an exhaustive scan (``autofit.trial.run_trial`` at batch 1, 2, 3, ... with 2 warm-up
+  from an exhaustive scan (``autofit.trials.run_trial`` at batch 1, 2, 3, ... with 2 warm-up
   steps and no timed steps, under the same limit, up to the first OOM and 2 more batches
   above it to check the boundary is monotone);
 * ``ran?``: whether the tool ran the returned batch to completion in its own search (``yes``),
@@ -365,7 +365,7 @@ def run_accelerate(spec: Any, limit: int, start: int) -> dict[str, Any]:
 
 def worker_main(kind: str, case: str) -> None:
     """Child process: run one anchor on one case, print one JSON line."""
-    from autofit.tune import plan_limits
+    from autofit.search.plan import plan_limits
 
     spec = case_spec(case)
     limit = plan_limits(spec).limit_bytes
@@ -403,8 +403,8 @@ def run_anchor(kind: str, case: str) -> dict[str, Any]:
 
 
 def run_autofit(spec: Any) -> dict[str, Any]:
-    from autofit.trial import run_trial
-    from autofit.tune import tune
+    from autofit.search.tuner import run_search as tune
+    from autofit.trials import run_trial
 
     trials: list[dict[str, Any]] = []
     warmup = spec.search.warmup_steps
@@ -441,7 +441,7 @@ def run_autofit(spec: Any) -> dict[str, Any]:
 def scan_true_max(spec: Any, limit: int, say: Any) -> dict[str, Any]:
     """Exhaustive: batch 1, 2, 3, ... until the first OOM, then SCAN_ABOVE more above it."""
     from autofit.candidate import Candidate
-    from autofit.trial import run_trial
+    from autofit.trials import run_trial
 
     fits: dict[int, bool] = {}
     t0 = time.perf_counter()
@@ -521,9 +521,9 @@ def main() -> None:
     import torch
     from _anchor_budget import AllocatorBudgetExceeded, anchors_recognise
 
-    from autofit import trial as trial_mod
     from autofit.memory import BudgetExceeded
-    from autofit.tune import plan_limits
+    from autofit.search.plan import plan_limits
+    from autofit.trials import runner as trial_mod
 
     started = time.perf_counter()
     out = Report()
@@ -559,7 +559,7 @@ def main() -> None:
         f"exhaustive scan with run_trial ({SCAN_WARMUP} steps per batch)")
     out()
 
-    trial_mod._zygote()  # autofit's fork server starts before the clock (anchors: imports)
+    trial_mod.prestart()  # autofit's fork server starts before the clock (anchors: imports)
     rows: list[list[Any]] = []
     summary: list[list[Any]] = []
     misses: list[str] = []

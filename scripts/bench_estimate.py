@@ -34,7 +34,7 @@ Columns of the main table (one row per case x precision x checkpoint segments, f
   ``/proc/self/clear_refs`` = 5), so kernel code pages and thread pools are not counted.
   Includes params, malloc slack and oneDNN scratch buffers; page granularity.
 * ``err``: (predicted - measured) / measured.
-* ``naive``: ``autofit.predict.naive_estimate_bytes`` (4 x params + 2 x leaf-module outputs).
+* ``naive``: ``naive_estimate_bytes`` (4 x params + 2 x leaf-module outputs).
 
 Real steps run in processes forked from a helper forked at start-up, before this process
 runs any torch op: OpenMP (the ATen CPU backend) is not fork-safe once its thread pool is
@@ -237,8 +237,8 @@ def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[
 def time_config(path: str) -> dict[str, Any]:
     """In a fresh process: cold and warm ``estimate`` of a shipped config, and peak RSS."""
     from autofit.candidate import Candidate
-    from autofit.device_model import CPU, CUDA_DEFAULT
     from autofit.predict import estimate
+    from autofit.predict.device_model import CPU, CUDA_DEFAULT
     from autofit.spec import load_spec
 
     spec = load_spec(path)
@@ -258,6 +258,36 @@ def time_config(path: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def naive_estimate_bytes(spec: Any, candidate: Any) -> int:
+    """The classic hand formula: params (+ grads + Adam's 2 states) + layer outputs x 2.
+
+    As in torchstat-style calculators: sum every leaf module's output size from one forward,
+    double it for backward, add 4x the parameter bytes. Kept for the benchmark comparison.
+    """
+    from torch._subclasses import FakeTensorMode
+
+    from autofit.build import make_input
+    from autofit.step import TrainingJob
+
+    outputs = 0
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        nonlocal outputs
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            outputs += output.numel() * output.element_size()
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        job = TrainingJob(spec, candidate, torch.device("cpu"), fake=True)
+        params = sum(p.numel() * p.element_size() for p in job.model.parameters())
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            with torch.no_grad(), job.autocast():
+                job.model(make_input(spec, candidate, torch.device("cpu")))
+        finally:
+            handle.remove()
+    return 4 * params + 2 * outputs
 
 
 def err_pct(pred: float, ref: float) -> float:
@@ -286,8 +316,7 @@ def main() -> None:
 
 def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
     from autofit.candidate import Candidate
-    from autofit.device_model import CPU
-    from autofit.predict import estimate, naive_estimate_bytes
+    from autofit.predict import CPU, estimate
     from autofit.spec import spec_from_dict
 
     precisions = ["fp32"] if args.quick else ["fp32", "bf16", "fp16"]

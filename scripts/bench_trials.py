@@ -8,7 +8,7 @@ Usage::
 
 Issue target (printed, never asserted): trial overhead beyond the steps < 3 s for zoo configs.
 
-Every trial is ``autofit.trial.run_trial`` at a small batch (fp32) under a generous CPU budget
+Every trial is ``autofit.trials.run_trial`` at a small batch (fp32) under a generous CPU budget
 (so it always fits), with the spec's default 2 warm-up + 3 timed steps. Columns:
 
 * ``wall``: ``TrialResult.wall_time_s``, the whole trial as the tuner sees it;
@@ -22,7 +22,7 @@ Every trial is ``autofit.trial.run_trial`` at a small batch (fp32) under a gener
 The first trial of the run also starts autofit's fork server (a process that imports torch
 once and forks one child per trial); it is reported on its own row. The last table runs the
 same case with ``AUTOFIT_START_METHOD=spawn`` (a fresh interpreter per trial, read by
-``autofit.trial._launch`` at call time): there ``start+IPC`` includes the interpreter start
+``autofit.trials.runner._launch`` at call time): there ``start+IPC`` includes the interpreter start
 and ``import autofit`` (which imports torch), and ``build`` the imports the fork server
 preloads (``torch._dynamo``, which optimizers import on construction).
 Rows of the per-case table are medians over that case's trials.
@@ -72,7 +72,7 @@ HEADER = ["wall s", "steps s", "overhead s", "build s", "child other s", "start+
 
 def run_many(spec: Any, batch: int, n: int, say: Any) -> list[dict[str, float]]:
     from autofit.candidate import Candidate
-    from autofit.trial import run_trial
+    from autofit.trials import run_trial
 
     cand = Candidate(batch_size=batch, input_size=spec.default_input_size)
     out = []
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--spawn-case", default="mlp", help="case of the spawn comparison")
     args = parser.parse_args()
 
-    from autofit import trial as trial_mod
+    from autofit.trials import runner as trial_mod
 
     started = time.perf_counter()
     n = 1 if args.quick else 3

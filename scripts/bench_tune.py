@@ -79,7 +79,7 @@ def to_pin(result: Any) -> int:
 def exhaustive_max(spec: Any, limit_bytes: int, say: Any, cap: int = 4096) -> tuple[int, int, dict[int, bool]]:
     """Largest batch that fits, scanning 1, 2, 3, ... until the first OOM (real trials)."""
     from autofit.candidate import Candidate
-    from autofit.trial import run_trial
+    from autofit.trials import run_trial
 
     fits: dict[int, bool] = {}
     batch = 1
@@ -98,7 +98,7 @@ def exhaustive_max(spec: Any, limit_bytes: int, say: Any, cap: int = 4096) -> tu
 
 
 def batch_row(name: str, say: Any) -> tuple[list[Any], int, bool]:
-    from autofit.tune import tune
+    from autofit.search.tuner import run_search as tune
 
     spec = spec_of(name, BUDGETS[name], margin=MARGIN, search=BATCH_SEARCH)
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def batch_row(name: str, say: Any) -> tuple[list[Any], int, bool]:
 
 
 def three_axis(say: Any) -> list[Any]:
-    from autofit.tune import tune
+    from autofit.search.tuner import run_search as tune
 
     spec = spec_of("gpt_tiny", THREE_AXIS_BUDGET, margin=MARGIN, search=THREE_AXIS_SEARCH)
     combos = (len(THREE_AXIS_SEARCH["input_size"]) * len(THREE_AXIS_SEARCH["precision"])
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--no-cli", action="store_true", help="skip the quickstart CLI timing")
     args = parser.parse_args()
 
-    from autofit import trial as trial_mod
+    from autofit.trials import runner as trial_mod
 
     started = time.perf_counter()
     out = Report()

@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from autofit.candidate import Candidate  # noqa: E402
-from autofit.device_model import CUDA_DEFAULT, DeviceModel  # noqa: E402
 from autofit.predict import estimate, predict_max_batch  # noqa: E402
+from autofit.predict.device_model import CUDA_DEFAULT, DeviceModel  # noqa: E402
+from autofit.search.tuner import run_search as tune  # noqa: E402
 from autofit.spec import spec_from_dict  # noqa: E402
-from autofit.trial import run_trial  # noqa: E402
-from autofit.tune import tune  # noqa: E402
+from autofit.trials import run_trial  # noqa: E402
 
 GiB = 2**30
 OUT = Path(os.environ.get("OUT") or ROOT / "gpu_check_out")

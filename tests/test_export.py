@@ -14,8 +14,10 @@ environment the real launcher would get.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -27,10 +29,16 @@ import yaml
 
 from autofit.errors import AutofitError
 from autofit.export import (
+    AUTOFIT_TUNED_KEY,
     FILE_NAMES,
     FORMATS,
+    SCHEMA_VERSION,
     BatchPlan,
+    ExportError,
+    Provenance,
+    TunedConfig,
     load_results,
+    load_tuned,
     plan_batch,
     render_deepspeed,
     render_hf,
@@ -40,8 +48,10 @@ from autofit.export import (
     render_targets,
     render_torchrun,
     summarize_plan,
+    tuned_section,
     tuned_spec,
     write_exports,
+    write_results,
 )
 from autofit.spec import OutputSpec, spec_from_dict
 
@@ -206,8 +216,9 @@ def test_plan_global_equals_world() -> None:
     ((24, 8, True), "global_batch_size"),
 ])
 def test_plan_rejects_invalid_values(args: tuple, bad: str) -> None:
-    with pytest.raises(ValueError, match=bad):
+    with pytest.raises(ExportError, match=bad) as info:
         plan_batch(*args)
+    assert isinstance(info.value, AutofitError) and "\n" not in str(info.value)
 
 
 def test_summarize_plan_lines() -> None:
@@ -348,7 +359,7 @@ def _fake_bin_dir(tmp_path: Path) -> Path:
 TUNED_ENV = {"AUTOFIT_MICRO_BATCH_SIZE": "16", "AUTOFIT_GRAD_ACCUM_STEPS": "8",
              "AUTOFIT_GLOBAL_BATCH_SIZE": "1024", "AUTOFIT_PRECISION": "bf16",
              "AUTOFIT_CHECKPOINT_SEGMENTS": "2", "AUTOFIT_INPUT_SIZE": "224",
-             "AUTOFIT_SPEC_HASH": "abc123def456"}
+             "AUTOFIT_SPEC_HASH": "abc123def456", "AUTOFIT_TUNED_YAML": "tuned.yaml"}
 TRAIN_ARGS = ["train.py", "--config", "tuned.yaml", "--run-name", "vit b"]
 
 
@@ -440,8 +451,23 @@ def test_train_command_must_be_valid_shell() -> None:
 
 
 def test_plan_world_must_match_output() -> None:
-    with pytest.raises(ValueError, match="plan is for 4 GPUs"):
+    with pytest.raises(ExportError, match="plan is for 4 GPUs"):
         render_slurm(RESULTS, OutputSpec(nodes=1, gpus_per_node=8), plan_batch(24, 4, None))
+
+
+@pytest.mark.parametrize(("output", "bad"), [
+    (OutputSpec(nodes=0, gpus_per_node=4), "output.nodes must be an integer >= 1, got 0"),
+    (OutputSpec(nodes=2, gpus_per_node=-1), "output.gpus_per_node must be an integer >= 1, got -1"),
+    (OutputSpec(global_batch_size=0), "output.global_batch_size must be an integer >= 1"),
+])
+def test_write_exports_impossible_world_raises_export_error(tmp_path: Path, output: OutputSpec,
+                                                            bad: str) -> None:
+    with pytest.raises(ExportError) as info:
+        write_exports(results(), tmp_path / "out", output=output)
+    message = str(info.value)
+    assert bad in message and "\n" not in message and info.value.problems == [message]
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- configs
@@ -625,3 +651,196 @@ def test_load_results_errors(tmp_path: Path, content: str | None, message: str) 
         load_results(path)
     assert "\n" not in str(info.value)
     assert str(info.value).startswith(str(path))
+
+
+def test_load_results_accepts_version_1_and_2(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**RESULTS, "schema_version": 2}))
+    assert load_results(path)["schema_version"] == 2
+    path.write_text(json.dumps(RESULTS))  # version 1: no schema_version field
+    assert "schema_version" not in load_results(path)
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (SCHEMA_VERSION + 1, f"schema_version {SCHEMA_VERSION + 1} is newer than this autofit reads"),
+    ("2", "schema_version must be an integer >= 1, got '2'"),
+    (0, "schema_version must be an integer >= 1, got 0"),
+])
+def test_load_results_rejects_unknown_schema_version(tmp_path: Path, version: Any,
+                                                     message: str) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**RESULTS, "schema_version": version}))
+    with pytest.raises(ExportError, match=message) as info:
+        load_results(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+CPU_DEVICE = {"kind": "cpu", "name": "x86_64", "total_bytes": 25275539456, "torch": "2.13.0",
+              "cuda": None}
+
+
+def test_cpu_run_is_labelled_cpu(tmp_path: Path) -> None:
+    data = results(device=CPU_DEVICE)
+    lines = Provenance.from_results(data).lines()
+    assert "CPU: x86_64, 23.54 GiB (25.28 GB)" in lines
+    assert not any(line.startswith("GPU:") for line in lines)
+    for path in write_exports(data, tmp_path, formats=["torchrun", "lightning", "targets"]):
+        text = path.read_text()
+        assert "# CPU: x86_64" in text and "# GPU:" not in text
+
+
+@pytest.mark.parametrize(("device", "label"), [
+    ({"kind": "cuda", "cuda": "12.8"}, "GPU"),
+    ({"cuda": "12.8"}, "GPU"),  # an older results.json without device.kind
+    ({"kind": "cpu", "cuda": "12.8"}, "CPU"),  # a CUDA build of torch, run on the CPU
+    ({"cuda": None}, "Device"),  # older file, no CUDA: cannot tell
+])
+def test_device_label(device: dict[str, Any], label: str) -> None:
+    data = results(device={"name": "dev", "torch": "2.13.0", **device})
+    assert Provenance.from_results(data).lines()[1] == f"{label}: dev"
+
+
+# ----------------------------------------------------------------------------- tuned.yaml
+
+
+def _exports(path: Path) -> dict[str, str]:
+    return dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)
+                for line in path.read_text().splitlines() if line.startswith("export AUTOFIT_"))
+
+
+def test_write_results_writes_schema_version_and_tuned_yaml(tmp_path: Path) -> None:
+    written = write_results(tmp_path, results())
+    assert [p.name for p in written] == ["results.json", "tuned.yaml"]
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["schema_version"] == SCHEMA_VERSION == 2
+    assert load_results(tmp_path / "results.json") == {"schema_version": 2, **RESULTS}
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert text.startswith("# Tuned by autofit 0.1.0 on NVIDIA H100 80GB HBM3 (torch 2.13.0), "
+                           "spec hash abc123def456, margin 0.1.\n# best: batch 24, input size "
+                           "224, bf16, checkpoint segments 2; peak 70000000000 bytes; "
+                           "verified: True\n")
+    raw = yaml.safe_load(text)
+    assert raw[AUTOFIT_TUNED_KEY] == {
+        "max_batch_size": 24, "micro_batch_size": 16, "gradient_accumulation_steps": 8,
+        "global_batch_size": 1024, "world_size": 8, "precision": "bf16",
+        "checkpoint_segments": 2, "input_size": 224, "verified": True,
+        "spec_hash": "abc123def456"}
+    spec = {k: v for k, v in raw.items() if k != AUTOFIT_TUNED_KEY}
+    assert spec == tuned_spec(SPEC, RESULTS["best"])
+    assert spec_from_dict(spec).search.batch_size.max == 24
+    assert stat.S_IMODE(os.stat(tmp_path / "tuned.yaml").st_mode) == 0o644
+
+
+def test_write_results_without_best_writes_only_results_json(tmp_path: Path) -> None:
+    written = write_results(tmp_path, results(best=None, error="interrupted"))
+    assert [p.name for p in written] == ["results.json"]
+    assert not (tmp_path / "tuned.yaml").exists()
+
+
+@pytest.mark.parametrize("output", [None, SINGLE_NODE])
+def test_scripts_and_tuned_yaml_agree(tmp_path: Path, output: OutputSpec | None) -> None:
+    data = results()
+    if output is not None:
+        data["spec"]["output"] = {"global_batch_size": 100, "nodes": 1, "gpus_per_node": 8}
+    write_results(tmp_path, data)
+    write_exports(data, tmp_path, formats=["slurm", "lsf", "torchrun"])
+    tuned = load_tuned(tmp_path / "tuned.yaml")
+    expected = {"AUTOFIT_MICRO_BATCH_SIZE": str(tuned.micro_batch_size),
+                "AUTOFIT_GRAD_ACCUM_STEPS": str(tuned.gradient_accumulation_steps),
+                "AUTOFIT_GLOBAL_BATCH_SIZE": str(tuned.global_batch_size),
+                "AUTOFIT_PRECISION": tuned.precision,
+                "AUTOFIT_CHECKPOINT_SEGMENTS": str(tuned.checkpoint_segments),
+                "AUTOFIT_INPUT_SIZE": str(tuned.input_size),
+                "AUTOFIT_SPEC_HASH": tuned.spec_hash, "AUTOFIT_TUNED_YAML": "tuned.yaml"}
+    for name in ("submit_slurm.sh", "submit_lsf.sh", "torchrun.sh"):
+        assert _exports(tmp_path / name) == expected, name
+    if output is not None:
+        assert (tuned.micro_batch_size, tuned.gradient_accumulation_steps) == (12, 1)
+
+
+def test_load_tuned_round_trip(tmp_path: Path) -> None:
+    write_results(tmp_path, results())
+    tuned = load_tuned(str(tmp_path / "tuned.yaml"))
+    assert isinstance(tuned, TunedConfig)
+    assert tuned_section(RESULTS, multi_plan()) == {
+        k: getattr(tuned, k) for k in tuned_section(RESULTS, multi_plan())}
+    assert AUTOFIT_TUNED_KEY not in tuned.spec and tuned.spec["name"] == "vit-b imagenet"
+    assert (tuned.autocast_dtype, tuned.uses_grad_scaler) == ("bfloat16", False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tuned.micro_batch_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("precision", "dtype", "scaler"), [
+    ("fp32", None, False), ("fp16", "float16", True), ("bf16", "bfloat16", False)])
+def test_tuned_config_precision_helpers(tmp_path: Path, precision: str, dtype: str | None,
+                                        scaler: bool) -> None:
+    write_results(tmp_path, results(best={**RESULTS["best"], "precision": precision}))
+    tuned = load_tuned(tmp_path / "tuned.yaml")
+    assert (tuned.precision, tuned.autocast_dtype, tuned.uses_grad_scaler) == (
+        precision, dtype, scaler)
+
+
+def test_tuned_yaml_fed_back_as_spec_gets_one_section(tmp_path: Path) -> None:
+    write_results(tmp_path, results())
+    raw = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+    assert AUTOFIT_TUNED_KEY not in tuned_spec(raw, RESULTS["best"])
+
+
+GOOD_SECTION = {"max_batch_size": 6, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+                "global_batch_size": 8, "world_size": 1, "precision": "fp32",
+                "checkpoint_segments": 0, "input_size": 0, "verified": True, "spec_hash": "ab12"}
+
+
+@pytest.mark.parametrize(("content", "messages"), [
+    (None, ["file not found"]),
+    ("name: x\n  bad: [\n", [":2: invalid YAML"]),
+    ("- 1\n- 2\n", ["expected a YAML mapping, got list"]),
+    ("name: x\n", ["missing the 'autofit_tuned' section (a tuned.yaml from an older autofit: "
+                   "re-run `autofit tune`"]),
+    ("autofit_tuned: 3\n", ["'autofit_tuned' must be a mapping, got int"]),
+    (yaml.safe_dump({AUTOFIT_TUNED_KEY: {**GOOD_SECTION, "micro_batch_size": "4",
+                                         "precision": "int8", "verified": "yes"}}),
+     ["autofit_tuned.micro_batch_size: must be an integer >= 1, got '4'",
+      "autofit_tuned.precision: must be one of fp32, fp16, bf16, got 'int8'",
+      "autofit_tuned.verified: must be true or false, got 'yes'"]),
+    (yaml.safe_dump({AUTOFIT_TUNED_KEY: {k: v for k, v in GOOD_SECTION.items()
+                                         if k not in ("world_size", "spec_hash")}}),
+     ["autofit_tuned.world_size: missing", "autofit_tuned.spec_hash: missing"]),
+    (yaml.safe_dump({AUTOFIT_TUNED_KEY: {**GOOD_SECTION, "global_batch_size": 12,
+                                         "micro_batch_size": 7, "gradient_accumulation_steps": 2}}),
+     ["global_batch_size 12 is not micro_batch_size x gradient_accumulation_steps x world_size "
+      "= 7 x 2 x 1 = 14", "micro_batch_size 7 is larger than max_batch_size 6"]),
+    (yaml.safe_dump({AUTOFIT_TUNED_KEY: {**GOOD_SECTION, "checkpoint_segments": -1,
+                                         "input_size": True}}),
+     ["checkpoint_segments: must be an integer >= 0, got -1",
+      "input_size: must be an integer >= 0, got True"]),
+])
+def test_load_tuned_errors(tmp_path: Path, content: str | None, messages: list[str]) -> None:
+    path = tmp_path / "tuned.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(AutofitError) as info:
+        load_tuned(path)
+    problems = info.value.problems
+    assert len(problems) == len(messages), problems
+    for message, problem in zip(messages, problems, strict=True):
+        assert message in problem
+    assert all(p.startswith(str(path)) and "\n" not in p for p in problems)
+    assert str(info.value) == "\n".join(problems)
+
+
+def test_load_tuned_directory(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="is a directory, expected a tuned.yaml file"):
+        load_tuned(tmp_path)
+
+
+def test_load_tuned_accepts_a_good_section(tmp_path: Path) -> None:
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump({AUTOFIT_TUNED_KEY: GOOD_SECTION, "name": "mlp"}))
+    tuned = load_tuned(path)
+    assert (tuned.max_batch_size, tuned.micro_batch_size, tuned.gradient_accumulation_steps) == (
+        6, 4, 2)
+    assert tuned.spec == {"name": "mlp"}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from autofit.candidate import Candidate
-from autofit.device_model import CUDA_DEFAULT
 from autofit.predict import estimate
+from autofit.predict.device_model import CUDA_DEFAULT
 from autofit.spec import spec_from_dict
-from autofit.trial import TrialStatus, run_trial
+from autofit.trials import TrialStatus, run_trial
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

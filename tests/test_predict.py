@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from autofit.candidate import Candidate
-from autofit.device_model import CPU, CUDA_DEFAULT
 from autofit.memory import MemoryBreakdown, MemoryTracker, PhaseHooks
 from autofit.predict import BatchCurve, estimate, fit_line, predict_max_batch
+from autofit.predict.device_model import CPU, CUDA_DEFAULT
 from autofit.spec import ExperimentSpec, spec_from_dict
 from autofit.step import TrainingJob
 
@@ -33,13 +32,7 @@ TINY: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
 PHASES = ("forward", "backward", "optimizer")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops on a shared 2-core box: intra-op threads only add barrier waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_spec(model: dict[str, Any], data: dict[str, Any], **extra: Any) -> ExperimentSpec:

@@ -16,10 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 from autofit.candidate import Candidate
-from autofit.device_model import CPU, CUDA_DEFAULT
 from autofit.memory import TimelinePoint
 from autofit.predict import estimate
-from autofit.profile import WhatIf, downsample, profile_step, what_if
+from autofit.predict.device_model import CPU, CUDA_DEFAULT
+from autofit.predict.profile import WhatIf, downsample, profile_step, what_if
 from autofit.spec import ExperimentSpec, spec_from_dict
 
 GPT_RAW: dict[str, Any] = {
@@ -242,7 +242,7 @@ def _tune_results() -> dict[str, Any]:
 
 @needs_mpl
 def test_plots_written(tmp_path: Path, gpt_profile: Any) -> None:
-    from autofit.plot import plot_batch_curve, plot_timeline
+    from autofit.plot import BatchCurvePlot, plot_batch_curve, plot_timeline
 
     note = plot_timeline(gpt_profile, tmp_path / "memory_timeline.png",
                          limit_bytes=int(57.6 * 2**20), budget_bytes=64 * 2**20)
@@ -252,7 +252,8 @@ def test_plots_written(tmp_path: Path, gpt_profile: Any) -> None:
     assert plot_timeline(json.loads(json.dumps(gpt_profile.to_dict())),
                          tmp_path / "sub" / "t.png").startswith("wrote")
     assert (tmp_path / "sub" / "t.png").stat().st_size > 1000
-    note = plot_batch_curve(_tune_results(), tmp_path / "peak_vs_batch.png")
+    note = plot_batch_curve(BatchCurvePlot.from_results(_tune_results()),
+                            tmp_path / "peak_vs_batch.png")
     assert note == "wrote peak_vs_batch.png"
     assert (tmp_path / "peak_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "peak_vs_batch.png").stat().st_size > 1000
@@ -260,27 +261,28 @@ def test_plots_written(tmp_path: Path, gpt_profile: Any) -> None:
     nested = _tune_results()
     nested["curves"] = {k: {"batch_size": 48, "curve": v, "traces": 4}
                         for k, v in nested["curves"].items()}
-    assert plot_batch_curve(nested, tmp_path / "nested.png") == "wrote nested.png"
+    assert plot_batch_curve(BatchCurvePlot.from_results(nested),
+                            tmp_path / "nested.png") == "wrote nested.png"
     assert (tmp_path / "nested.png").stat().st_size > 1000
-    empty = plot_batch_curve({"curves": {}, "best": None}, tmp_path / "none.png")
-    assert empty.startswith("skipped") and not (tmp_path / "none.png").exists()
+    with pytest.raises(ValueError, match="no predicted curve"):
+        BatchCurvePlot.from_results({"curves": {}, "best": None})
 
 
 def test_plot_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends",
                  "matplotlib.backends.backend_agg", "matplotlib.patches"):
         monkeypatch.setitem(sys.modules, name, None)
-    from autofit.plot import plot_batch_curve
+    from autofit.plot import BatchCurvePlot, plot_batch_curve
 
     with pytest.raises(ImportError, match="autofit\\[plot\\]"):
-        plot_batch_curve(_tune_results(), tmp_path / "x.png")
+        plot_batch_curve(BatchCurvePlot.from_results(_tune_results()), tmp_path / "x.png")
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def _app() -> typer.Typer:
-    from autofit.cli_profile import profile
+    from autofit.cli.profile import profile
 
     app = typer.Typer(add_completion=False)
     app.command()(profile)

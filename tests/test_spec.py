@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from autofit.build import build_model, input_shape
+from autofit.build import build_model, build_optimizer, input_shape
 from autofit.candidate import Candidate
 from autofit.errors import BuildError, SpecError
 from autofit.spec import ExperimentSpec, load_spec, spec_from_dict
@@ -376,3 +379,215 @@ def test_bad_model_kwargs_is_build_error() -> None:
 def test_malformed_import_path_is_spec_error() -> None:
     with pytest.raises(SpecError, match="must be an import path"):
         spec_from_dict(base(model={"_target_": "not an import path"}))
+
+
+# --------------------------------------------------------------------------- import paths
+
+
+def module_name() -> str:
+    """A fresh module name: modules stay cached in sys.modules between tests."""
+    return f"user_model_{uuid.uuid4().hex[:10]}"
+
+
+KEYS_AND_IMPORTS = """\
+name: imports
+model:
+  _target_: autofit.zoo.resnett
+  depth: 18
+  num_classes: 10
+data: {kind: image, size: 32, num_classes: 10}
+optimizer:
+  _target_: torch.optim.SGDD
+  lr: 0.1
+search:
+  steps_per_trail: 3
+devise: cpu
+"""
+
+
+def test_key_mistakes_and_import_paths_are_reported_in_one_run(tmp_path: Path) -> None:
+    path = write(tmp_path, KEYS_AND_IMPORTS)
+    assert problems_of(path) == [  # one SpecError, in file-line order
+        f"{path}:3: model._target_: cannot import 'autofit.zoo.resnett': module 'autofit.zoo' "
+        "has no attribute 'resnett'; did you mean 'autofit.zoo.resnet'?",
+        f"{path}:8: optimizer._target_: cannot import 'torch.optim.SGDD': module 'torch.optim' "
+        "has no attribute 'SGDD'; did you mean 'torch.optim.SGD'?",
+        f"{path}:11: search.steps_per_trail: unknown key; did you mean 'steps_per_trial'?",
+        f"{path}:12: devise: unknown key; did you mean 'device'?",
+    ]
+
+
+def test_every_import_path_of_the_spec_is_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        name: all-paths
+        model:
+          class_path: autofit.zoo.mlpp
+          init_args:
+            in_features: 16
+            norm: {_target_: torch.nn.LayerNormm, normalized_shape: 16}
+        data: {kind: tensor, shape: [16], num_classes: 4}
+        loss: torch.nn.functionl.mse_loss
+        step: autofit.zoo.mlp.no_such_attr
+    """)
+    problems = problems_of(path)
+    assert len(problems) == 4, problems
+    assert problems[0].startswith(f"{path}:3: model.class_path: cannot import 'autofit.zoo.mlpp'")
+    assert "did you mean 'autofit.zoo.mlp'?" in problems[0]
+    assert problems[1].startswith(
+        f"{path}:6: model.init_args.norm._target_: cannot import 'torch.nn.LayerNormm'")
+    assert "did you mean 'torch.nn.LayerNorm'?" in problems[1]
+    assert problems[2] == (
+        f"{path}:8: loss: cannot import 'torch.nn.functionl.mse_loss': no module named "
+        "'torch.nn.functionl'; did you mean 'torch.nn.functional.mse_loss'?")
+    assert problems[3] == (
+        f"{path}:9: step: cannot import 'autofit.zoo.mlp.no_such_attr': "
+        "'autofit.zoo.mlp' has no attribute 'no_such_attr'")
+
+
+def test_missing_top_level_module_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("autofit.zoo.mlp", "nosuchpkg.Model"))
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"{path}:3: model._target_: cannot import 'nosuchpkg.Model': no module named 'nosuchpkg'")
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("raise RuntimeError('boom at import')\n", "raised RuntimeError: boom at import"),
+    ("import no_such_dependency_xyz\n", "raised ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
+    ("import sys\nsys.exit(3)\n", "raised SystemExit: 3"),
+    ("def broken(:\n", "raised SyntaxError"),
+], ids=["raise", "missing-dependency", "sys-exit", "syntax-error"])
+def test_model_module_that_raises_at_import_is_a_problem(tmp_path: Path, body: str,
+                                                         expected: str) -> None:
+    name = module_name()
+    (tmp_path / f"{name}.py").write_text(body)
+    path = write(tmp_path, VALID.replace("autofit.zoo.mlp", f"{name}.Model"))
+    path_before = list(sys.path)
+    problems = problems_of(path)
+    assert sys.path == path_before  # the spec folder is on sys.path only during the check
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"{path}:3: model._target_: cannot import '{name}.Model': importing '{name}' {expected}")
+    assert "\n" not in problems[0] and "Traceback" not in problems[0]
+
+
+def test_module_next_to_the_spec_is_importable_with_a_hint(tmp_path: Path) -> None:
+    name = module_name()
+    (tmp_path / f"{name}.py").write_text("from torch import nn\n\n\nclass Net(nn.Linear):\n"
+                                         "    def __init__(self):\n"
+                                         "        super().__init__(16, 4)\n")
+    ok = write(tmp_path, VALID.replace("autofit.zoo.mlp", f"{name}.Net"), "ok.yaml")
+    assert load_spec(ok).model.target == f"{name}.Net"
+    typo = write(tmp_path, VALID.replace("autofit.zoo.mlp", f"{name}.Nett"), "typo.yaml")
+    assert problems_of(typo) == [
+        f"{typo}:3: model._target_: cannot import '{name}.Nett': module '{name}' has no "
+        f"attribute 'Nett'; did you mean '{name}.Net'?"]
+
+
+def test_import_check_is_opt_in_for_spec_from_dict(tmp_path: Path) -> None:
+    raw = base(model={"_target_": "nosuchpkg.Model"}, optimizer={"_target_": "torch.optim.SGDD"},
+               loss="nosuchpkg.loss", step="nosuchpkg.step")
+    spec = spec_from_dict(raw, "results.json:spec")  # stored specs of other machines still load
+    assert spec.model.target == "nosuchpkg.Model"
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(raw, "inline", check_imports=True)
+    assert len(info.value.problems) == 4
+    assert all(": cannot import 'nosuchpkg." in p or "'torch.optim.SGDD'" in p
+               for p in info.value.problems)
+    path = write(tmp_path, VALID.replace("autofit.zoo.mlp", "nosuchpkg.Model"))
+    assert load_spec(path, check_imports=False).model.target == "nosuchpkg.Model"
+
+
+# --------------------------------------------------------------------------- build errors' lines
+
+
+def test_spec_keeps_its_line_map_outside_equality_and_hash(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    spec = load_spec(path)
+    assert spec.lines[("model",)] == 2 and spec.lines[("data", "shape")] == 9
+    assert spec.where(("model",)) == f"{path.resolve()}:2: model: "
+    assert spec.where(("optimizer",)) == f"{path.resolve()}: optimizer: "
+    assert spec.where(("data", "shape", 0)) == f"{path.resolve()}:9: data.shape[0]: "
+    inline = spec_from_dict(base())
+    assert inline.lines == {} and inline.where(("model",)) == "model: "
+    assert dataclasses.replace(spec, lines={}) == spec
+    assert spec.spec_hash() == spec_from_dict(spec.raw).spec_hash()
+    assert "lines" not in repr(spec)
+
+
+def test_constructor_error_names_the_model_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("  hidden: 32\n", "  hidden: 32\n  widht: 3\n"))
+    with pytest.raises(BuildError) as info:
+        build_model(load_spec(path), 0)
+    message = str(info.value)
+    assert message.startswith(f"{path.resolve()}:2: model: autofit.zoo.mlp(**")
+    assert "widht" in message and "\n" not in message
+
+
+def test_constructor_that_raises_names_the_model_line(tmp_path: Path) -> None:
+    name = module_name()
+    (tmp_path / f"{name}.py").write_text(
+        "class Model:\n    def __init__(self, width=1):\n"
+        "        raise ValueError(f'bad width {width}\\nsecond line')\n")
+    path = write(tmp_path, f"""\
+        name: raises
+        device: cpu
+        model:
+          _target_: {name}.Model
+          width: 3
+        data: {{kind: tensor, shape: [16], num_classes: 4}}
+    """)
+    with pytest.raises(BuildError) as info:
+        build_model(load_spec(path), 0)
+    assert str(info.value) == (
+        f"{path.resolve()}:3: model: {name}.Model(...) raised ValueError: bad width 3 second line")
+
+
+def test_build_time_import_error_names_the_line_with_a_hint(tmp_path: Path) -> None:
+    path = write(tmp_path, KEYS_AND_IMPORTS.replace("  steps_per_trail: 3\n", "")
+                 .replace("devise", "device"))
+    spec = load_spec(path, check_imports=False)
+    with pytest.raises(BuildError) as info:
+        build_model(spec, 32)
+    assert str(info.value) == (
+        f"{path.resolve()}:3: model._target_: cannot import 'autofit.zoo.resnett': module "
+        "'autofit.zoo' has no attribute 'resnett'; did you mean 'autofit.zoo.resnet'?")
+    fixed = write(tmp_path, VALID + "optimizer: {_target_: torch.optim.SGDD}\n", "fixed.yaml")
+    spec = load_spec(fixed, check_imports=False)
+    with pytest.raises(BuildError) as info:
+        build_optimizer(spec, build_model(spec, 0), "cpu")
+    assert str(info.value).startswith(
+        f"{fixed.resolve()}:12: optimizer._target_: cannot import 'torch.optim.SGDD': ")
+
+
+def test_nested_target_constructor_error_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace(
+        "  out_features: 4\n", "  out_features: 4\n  activation: {_target_: torch.nn.ReLU, bad: 1}\n"))
+    with pytest.raises(BuildError) as info:
+        build_model(load_spec(path), 0)
+    assert str(info.value).startswith(
+        f"{path.resolve()}:7: model.activation._target_: torch.nn.ReLU(...) raised TypeError")
+
+
+def test_optimizer_error_names_the_optimizer_line(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "optimizer:\n  _target_: torch.optim.SGD\n  lr: fast\n")
+    spec = load_spec(path)
+    with pytest.raises(BuildError) as info:
+        build_optimizer(spec, build_model(spec, 0), "cpu")
+    assert str(info.value).startswith(f"{path.resolve()}:12: optimizer: torch.optim.SGD(**")
+
+
+def test_self_referencing_yaml_alias_is_not_a_crash(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        name: cycle
+        model: &m
+          _target_: autofit.zoo.mlpp
+          again: *m
+          more: &l [1, *l]
+        data: {kind: tensor, shape: [16], num_classes: 4}
+    """)
+    reason = ("cannot import 'autofit.zoo.mlpp': module 'autofit.zoo' has no attribute 'mlpp'; "
+              "did you mean 'autofit.zoo.mlp'?")
+    assert problems_of(path) == [f"{path}:3: model._target_: {reason}",
+                                 f"{path}:4: model.again._target_: {reason}"]

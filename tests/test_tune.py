@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from autofit.candidate import Candidate
-from autofit.device_model import CPU
-from autofit.errors import SearchError, TrialError
+from autofit.errors import SearchError, TrialError, TuneFailed, TuneInterrupted
 from autofit.memory import MemoryBreakdown
 from autofit.predict import estimate
+from autofit.predict.device_model import CPU
+from autofit.search.pinner import BatchPinner
+from autofit.search.tuner import run_search as tune
 from autofit.spec import spec_from_dict
-from autofit.trial import TrialResult, TrialStatus
-from autofit.tune import BatchPinner, tune
+from autofit.trials import TrialResult, TrialStatus
 
 MiB = 2**20
 
@@ -132,8 +133,11 @@ def test_nothing_fits_names_the_knobs():
     spec = make_spec(batch_size={"min": 1, "max": 64})
     spec = spec_from_dict({**spec.raw, "memory": {"budget": "1MiB", "margin": 0.9}})
     land = Landscape()
-    with pytest.raises(SearchError) as info:
+    with pytest.raises(TuneFailed) as info:
         tune(spec, runner=land)
+    assert isinstance(info.value.cause, SearchError)
+    assert info.value.partial is not None and info.value.partial.best is None
+    assert len(info.value.partial.trials) == len(land.calls)  # what ran is kept
     message = str(info.value)
     assert "nothing fits" in message
     assert "checkpoint" in message and "precision" in message and "budget" in message
@@ -157,8 +161,10 @@ def test_user_error_stops_search_with_real_message():
     tune(spec, runner=probe)
     predicted = probe.calls[0][0]
     land = Landscape(fail_at=predicted)
-    with pytest.raises(TrialError, match="mat1 and mat2"):
+    with pytest.raises(TuneFailed, match="mat1 and mat2") as info:
         tune(spec, runner=land)
+    assert isinstance(info.value.cause, TrialError)
+    assert [r.result.status.value for r in info.value.partial.trials] == ["error"]
     assert len(land.calls) == 1
 
 
@@ -236,9 +242,10 @@ def test_max_throughput_objective_picks_fastest_measured():
 def test_resume_repeats_no_trial(tmp_path: Path):
     spec = make_spec()
     first = Landscape(interrupt_after=1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TuneInterrupted) as info:
         tune(spec, out_dir=tmp_path, runner=first)
     assert len(first.calls) == 1
+    assert info.value.exit_code == 130 and info.value.partial is not None
     second = Landscape()
     result = tune(spec, out_dir=tmp_path, resume=True, runner=second)
     assert first.calls[0] not in second.calls
@@ -264,8 +271,10 @@ def test_pinner_bisects_without_prediction():
 
 
 def test_targets_on_cuda_are_verified_by_capped_trials():
-    from autofit.device_model import CUDA_DEFAULT
-    from autofit.tune import Plan, TrialRecord, _targets
+    from autofit.predict.device_model import CUDA_DEFAULT
+    from autofit.search.plan import Plan
+    from autofit.search.results import TrialRecord
+    from autofit.search.targets import configure_targets as _targets
 
     raw = dict(make_spec().raw)
     raw["targets"] = [{"name": "A100-40GB", "memory": "40GiB"},

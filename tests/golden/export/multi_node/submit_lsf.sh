@@ -19,7 +19,8 @@
 # matches the requested global batch 1024
 set -euo pipefail
 
-# Tuned values for the training script (read them from the environment).
+# Tuned values for the training script (read them from the environment, or
+# AUTOFIT_TUNED_YAML with autofit.export.tuned.load_tuned: the same values).
 export AUTOFIT_MICRO_BATCH_SIZE=16
 export AUTOFIT_GRAD_ACCUM_STEPS=8
 export AUTOFIT_GLOBAL_BATCH_SIZE=1024
@@ -27,6 +28,7 @@ export AUTOFIT_PRECISION=bf16
 export AUTOFIT_CHECKPOINT_SEGMENTS=2
 export AUTOFIT_INPUT_SIZE=224
 export AUTOFIT_SPEC_HASH=abc123def456
+export AUTOFIT_TUNED_YAML=tuned.yaml
 
 # LSB_HOSTS names each host once per slot; keep the first occurrence of each.
 mapfile -t HOSTS < <(tr ' ' '\n' <<< "$LSB_HOSTS" | awk 'NF && !seen[$0]++')

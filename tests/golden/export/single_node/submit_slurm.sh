@@ -16,7 +16,8 @@
 # the requested global batch 100 is not divisible by the world size 8: the nearest effective global batch is 96 (micro-batch 12 x 1 accumulation x 8 GPUs), which differs from the requested 100. Learning rate: scale it by 96/100 = 0.96 (linear scaling rule, Goyal et al. 2017), or keep the global batch 100 by changing the world size.
 set -euo pipefail
 
-# Tuned values for the training script (read them from the environment).
+# Tuned values for the training script (read them from the environment, or
+# AUTOFIT_TUNED_YAML with autofit.export.tuned.load_tuned: the same values).
 export AUTOFIT_MICRO_BATCH_SIZE=12
 export AUTOFIT_GRAD_ACCUM_STEPS=1
 export AUTOFIT_GLOBAL_BATCH_SIZE=96
@@ -24,6 +25,7 @@ export AUTOFIT_PRECISION=bf16
 export AUTOFIT_CHECKPOINT_SEGMENTS=2
 export AUTOFIT_INPUT_SIZE=224
 export AUTOFIT_SPEC_HASH=abc123def456
+export AUTOFIT_TUNED_YAML=tuned.yaml
 
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')"
 export MASTER_ADDR

@@ -12,7 +12,8 @@
 #        multi-node:   NNODES=2 MASTER_ADDR=<first node> bash torchrun.sh   (on every node)
 set -euo pipefail
 
-# Tuned values for the training script (read them from the environment).
+# Tuned values for the training script (read them from the environment, or
+# AUTOFIT_TUNED_YAML with autofit.export.tuned.load_tuned: the same values).
 export AUTOFIT_MICRO_BATCH_SIZE=12
 export AUTOFIT_GRAD_ACCUM_STEPS=1
 export AUTOFIT_GLOBAL_BATCH_SIZE=96
@@ -20,6 +21,7 @@ export AUTOFIT_PRECISION=bf16
 export AUTOFIT_CHECKPOINT_SEGMENTS=2
 export AUTOFIT_INPUT_SIZE=224
 export AUTOFIT_SPEC_HASH=abc123def456
+export AUTOFIT_TUNED_YAML=tuned.yaml
 
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"

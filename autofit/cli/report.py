@@ -9,12 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from autofit.choices import Purpose
 from autofit.memory import MemoryBreakdown
-from autofit.predict import MaxBatchEstimate, MemoryEstimate
-from autofit.trial import TrialResult
-from autofit.tune import TrialRecord, TuneResult
+from autofit.predict.batch_curve import MaxBatchEstimate
+from autofit.predict.trace import MemoryEstimate
+from autofit.search.events import Note, TrialFinished, TrialStarted, TuneEvent
+from autofit.search.results import TrialRecord, TuneResult
+from autofit.trials.result import TrialResult
 from autofit.units import format_binary, format_bytes, format_decimal
 
 
@@ -83,7 +87,7 @@ def trial_line(record: TrialRecord) -> str:
     resumed = " (resumed)" if record.resumed else ""
     msg = f"  {r.message[:110]}" if r.status.value not in ("fits",) and r.message else ""
     warn = f"  [yellow]{r.warning}[/yellow]" if r.warning else ""
-    return (f"trial {record.number:>3} {record.purpose:<9} {r.candidate.label():<36} "
+    return (f"trial {record.number:>3} {record.purpose.value:<9} {r.candidate.label():<36} "
             f"pred {_mib(record.predicted_peak_bytes):>11}  meas {_mib(r.peak_bytes):>11}  "
             f"{status}  {r.wall_time_s:5.1f} s{speed}{resumed}{msg}{warn}")
 
@@ -116,7 +120,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
         if record.predicted_peak_bytes and r.peak_bytes and r.fits:
             err = f"{100 * (record.predicted_peak_bytes / r.peak_bytes - 1):+.2f}%"
         mark = " ★" if record.number == best_number else ""
-        table.add_row(f"{record.number}{mark}", record.purpose, str(c.batch_size), str(c.input_size),
+        table.add_row(f"{record.number}{mark}", record.purpose.value, str(c.batch_size), str(c.input_size),
                       c.precision, str(c.checkpoint_segments), _mib(record.predicted_peak_bytes),
                       _mib(r.peak_bytes), err, r.status.value,
                       f"{r.samples_per_s:,.1f}" if r.samples_per_s else "-", f"{r.wall_time_s:.1f}")
@@ -138,7 +142,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
             for p, pts in front.items()))
     if result.best is not None:
         best = result.best.result
-        verified = "verified" if result.best.purpose == "verify" else "not verified"
+        verified = "verified" if result.best.purpose == Purpose.VERIFY else "not verified"
         console.print(f"[bold green]best[/bold green] {best.candidate.label()} ({verified} over "
                       f"{result.best.steps} steps): peak {format_bytes(best.peak_bytes or 0)}, "
                       f"{best.samples_per_s or 0:,.1f} samples/s")
@@ -158,7 +162,46 @@ def print_tune(console: Console, result: TuneResult) -> None:
 def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
     lines = []
     for t in targets:
-        status = "verified" if t.get("verified") else "predicted-only"
+        status = ("FAILED" if t.get("failed") else
+                  "verified" if t.get("verified") else "predicted-only")
         lines.append(f"target {t['name']} ({format_bytes(t['memory_bytes'])}): batch {t.get('batch_size')} "
                      f"{t.get('precision')} ckpt={t.get('checkpoint_segments')} ({status})")
     return lines
+
+
+class TuneProgress:
+    """The ``on_event`` handler of ``autofit tune``: a status line, one line per trial."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.status = console.status("predicting ...", spinner="dots")
+
+    def __enter__(self) -> TuneProgress:
+        self.status.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.status.stop()
+
+    def __call__(self, event: TuneEvent) -> None:
+        if isinstance(event, TrialStarted):
+            self.status.update(f"running trial ({event.purpose}): {event.candidate.label()}")
+        elif isinstance(event, TrialFinished):
+            self.console.print(trial_line(event.record))
+            self.status.update("choosing the next trial ...")
+        elif isinstance(event, Note):
+            self.console.print(f"[dim]{escape(event.message)}[/dim]")
+
+
+def print_tune_summary(console: Console, result: TuneResult) -> None:
+    """The trial table, the winner, the batch plan and the targets."""
+    from autofit.export import output_spec_of, plan_batch, summarize_plan
+
+    print_tune(console, result)
+    if result.best is None:
+        return
+    o = output_spec_of({"spec": result.spec.raw})
+    plan = plan_batch(result.best.result.candidate.batch_size, o.nodes * o.gpus_per_node,
+                      o.global_batch_size)
+    for line in summarize_plan(plan) + targets_lines(result.targets):
+        console.print(line)

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from autofit.candidate import Candidate
-from autofit.device_model import DeviceModel
+from autofit.device import cpu_name, cuda_device, cuda_peaks, prepare_cuda, resolve_device
 from autofit.errors import AutofitError, BuildError, TrialError
 from autofit.memory import MemoryBreakdown, MemoryTracker, PhaseHooks, TimelinePoint
+from autofit.predict.device_model import DeviceModel
 from autofit.spec import ExperimentSpec, ModelSpec, OptimizerSpec
+from autofit.trials.oom import is_oom_error
 
 MAX_TIMELINE_POINTS = 2000
 TOP_TENSORS = 20
@@ -282,7 +284,7 @@ def profile_step(spec: ExperimentSpec, candidate: Candidate, device_model: Devic
     if steps < 1:
         raise AutofitError(f"steps must be >= 1, got {steps}")
     if not real:
-        from autofit.predict import trace
+        from autofit.predict.trace import trace
 
         tracker, params, seconds = trace(spec, candidate, device_model, steps=steps,
                                          per_layer=True, timeline=True)
@@ -292,32 +294,47 @@ def profile_step(spec: ExperimentSpec, candidate: Candidate, device_model: Devic
     return _profile_real(spec, candidate, device_model, steps=steps, device=device, top=top)
 
 
+def _real_device(spec: ExperimentSpec, device_model: DeviceModel, device: str | None
+                 ) -> tuple[torch.device, str]:
+    """The device ``--real`` measures on, set up as a trial sets it up (no memory cap)."""
+    if device_model.kind != "cuda":
+        return torch.device("cpu"), cpu_name()
+    name = device or resolve_device(spec.device)
+    name = name if name.startswith("cuda") else "cuda"
+    if not torch.cuda.is_available():
+        raise AutofitError(f"--real: device {name!r} but CUDA is not available here "
+                           f"(profile on CPU with --device cpu, or drop --real)")
+    dev = cuda_device(name)
+    prepare_cuda(dev)
+    return dev, torch.cuda.get_device_properties(dev).name
+
+
+def _run_real_steps(job: Any, tracker: MemoryTracker, candidate: Candidate, steps: int) -> None:
+    try:
+        with tracker:
+            for _ in range(steps):
+                job.run_step()
+    except AutofitError:
+        raise
+    except Exception as exc:
+        oom, _ = is_oom_error(exc)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        if oom:
+            raise TrialError(
+                f"--real: {candidate.label()} ran out of memory in {tracker.phase} of step "
+                f"{tracker.step} ({first}); drop --real to see the predicted profile"
+            ) from exc
+        raise TrialError(f"--real: the step raised {type(exc).__name__} in {tracker.phase}: "
+                         f"{first}") from exc
+    finally:
+        tracker.detach_hooks()
+
+
 def _profile_real(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceModel, *,
                   steps: int, device: str | None, top: int) -> Profile:
     from autofit.step import TrainingJob
-    from autofit.worker import is_oom_error
 
-    if device_model.kind == "cuda":
-        from autofit.trial import resolve_device
-
-        name = device or resolve_device(spec.device)
-        name = name if name.startswith("cuda") else "cuda"
-        if not torch.cuda.is_available():
-            raise AutofitError(f"--real: device {name!r} but CUDA is not available here "
-                               f"(profile on CPU with --device cpu, or drop --real)")
-        dev = torch.device(name)
-        if dev.index is None:  # set_device and the memory counters want an index
-            dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        device_name = torch.cuda.get_device_properties(dev).name
-    else:
-        dev = torch.device("cpu")
-        import platform
-
-        device_name = platform.processor() or platform.machine() or "cpu"
+    dev, device_name = _real_device(spec, device_model, device)
     start = time.perf_counter()
     tracker = MemoryTracker(round_to=device_model.block_bytes, record_timeline=True)
     job: Any = None
@@ -333,37 +350,14 @@ def _profile_real(spec: ExperimentSpec, candidate: Candidate, device_model: Devi
             tracker.track(tensor, "params")
         param_count = sum(p.numel() for p in job.model.parameters())
         tracker.attach(job.model)
-        try:
-            with tracker:
-                for _ in range(steps):
-                    job.run_step()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-        except AutofitError:
-            raise
-        except Exception as exc:
-            oom, _ = is_oom_error(exc)
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            if oom:
-                raise TrialError(
-                    f"--real: {candidate.label()} ran out of memory in {tracker.phase} of step "
-                    f"{tracker.step} ({first}); drop --real to see the predicted profile"
-                ) from exc
-            raise TrialError(f"--real: the step raised {type(exc).__name__} in {tracker.phase}: "
-                             f"{first}") from exc
-        finally:
-            tracker.detach_hooks()
-        end_seq = tracker.seq
-        allocated = reserved = None
-        if dev.type == "cuda":
-            # as the trials count them: the process's peaks (a fresh CLI process holds nothing
-            # else; in a longer-lived process, tensors it already holds are included)
-            allocated = int(torch.cuda.max_memory_allocated(dev))
-            reserved = int(torch.cuda.max_memory_reserved(dev))
-        seconds = time.perf_counter() - start
+        _run_real_steps(job, tracker, candidate, steps)
+        # as the trials count them: the process's peaks (a fresh CLI process holds nothing
+        # else; in a longer-lived process, tensors it already holds are included)
+        allocated, reserved = cuda_peaks(dev) if dev.type == "cuda" else (None, None)
         return _assemble(tracker, candidate, device_model, real=True, steps=steps,
-                         param_count=param_count, seconds=seconds, end_seq=end_seq, top=top,
-                         allocated=allocated, reserved=reserved, device_name=device_name)
+                         param_count=param_count, seconds=time.perf_counter() - start,
+                         end_seq=tracker.seq, top=top, allocated=allocated, reserved=reserved,
+                         device_name=device_name)
     finally:
         del job
         if dev.type == "cuda":
@@ -494,7 +488,7 @@ def what_if(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceMode
     that do not apply get ``reason`` "n/a: ..." and no peak. ``baseline`` (planned peak of
     ``candidate``) saves one trace when the caller has it.
     """
-    from autofit.predict import estimate
+    from autofit.predict.trace import estimate
 
     if baseline is None:
         baseline = estimate(spec, candidate, device_model).peak_bytes

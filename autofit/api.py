@@ -1,0 +1,370 @@
+"""autofit from Python: the functions the ``autofit`` command wraps, one per command.
+
+``tune`` is the whole job (lock the output dir, search, write results, exports and the plot,
+keep partial results on failure); ``estimate``, ``trial`` and ``profile`` answer for one
+candidate; ``export`` regenerates the hand-over files; ``load_tuned`` is what a training
+script reads. Each takes the spec as a path, a mapping or an ``ExperimentSpec``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autofit.candidate import Candidate
+from autofit.choices import Precision
+from autofit.errors import SpecError, TuneFailed
+from autofit.export import load_results, write_exports, write_results
+from autofit.export.tuned import TunedConfig, load_tuned
+from autofit.files import locked_output_dir
+from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.predict.trace import MemoryEstimate
+from autofit.search.events import EventHandler
+from autofit.search.plan import Plan, plan_limits
+from autofit.search.results import TuneResult
+from autofit.spec import ExperimentSpec, load_spec, spec_from_dict
+from autofit.trials.result import TrialResult
+
+SpecLike = str | Path | dict[str, Any] | ExperimentSpec
+
+__all__ = ["EstimateResult", "ProfileResult", "SpecLike", "TunedConfig", "as_spec",
+           "candidate_for", "estimate", "export", "load_tuned", "profile", "trial", "tune"]
+
+
+def as_spec(spec: SpecLike) -> ExperimentSpec:
+    """An ``ExperimentSpec`` from a YAML path, a mapping (as YAML would load) or itself.
+
+    Raises:
+        SpecError: every problem found, one line each (import paths included).
+    """
+    if isinstance(spec, ExperimentSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec, check_imports=True)
+    if isinstance(spec, str | Path):
+        return load_spec(spec)
+    raise SpecError([f"spec: expected a path, a mapping or an ExperimentSpec, "
+                     f"got {type(spec).__name__}"])
+
+
+def candidate_for(spec: ExperimentSpec, *, batch_size: int | None = None,
+                  input_size: int | None = None, precision: str | None = None,
+                  segments: int | None = None) -> Candidate:
+    """One candidate of ``spec``; each knob left ``None`` takes the spec's first choice
+    (batch: ``search.batch_size.min``, input size: the largest listed).
+
+    Raises:
+        SpecError: one line per out-of-range or unknown value.
+    """
+    problems = []
+    if precision is not None and precision not in Precision.values():
+        problems.append(f"--precision: must be one of {', '.join(Precision.values())}, "
+                        f"got {precision!r}")
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--input-size", input_size, 1),
+                             ("--segments", segments, 0)):
+        if value is not None and value < low:
+            problems.append(f"{flag}: must be >= {low}, got {value}")
+    if problems:
+        raise SpecError(problems)
+    s = spec.search
+    return Candidate(
+        batch_size=batch_size or s.batch_size.min,
+        input_size=input_size or spec.input_sizes[-1],
+        precision=Precision(precision) if precision else s.precisions[0],
+        checkpoint_segments=segments if segments is not None else s.checkpoint_segments[0],
+    )
+
+
+@dataclass
+class EstimateResult:
+    """A prediction for one candidate, and the largest batch under the budget."""
+
+    estimate: MemoryEstimate
+    max_batch: MaxBatchEstimate | None
+    """None when the budget is unknown ('auto' on a device that is not here)."""
+    plan: Plan
+    margin: float
+    """memory.margin: the limit is budget x (1 - margin)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        est, mb = self.estimate, self.max_batch
+        data = est.to_dict()
+        data.update(
+            breakdown=est.breakdown.to_dict(),
+            max_batch_size=mb.batch_size if mb else None,
+            batch_curve=mb.curve.to_dict() if mb else None,
+            budget_bytes=self.plan.budget_bytes, margin=self.margin,
+            limit_bytes=self.plan.limit_bytes,
+            layers=[vars(r) for r in est.layers] if est.layers else None,
+        )
+        return data
+
+
+def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
+             precision: str | None = None, segments: int | None = None,
+             device: str | None = None, per_layer: bool = False,
+             max_batch: bool = True) -> EstimateResult:
+    """Predict peak memory of one candidate on fake tensors (no real memory, no GPU).
+
+    Args:
+        spec: the experiment (path, mapping or ``ExperimentSpec``).
+        batch_size, input_size, precision, segments: the candidate (default: the spec's first).
+        device: ``cpu`` or ``cuda``: the device model to apply (default: the spec's device).
+        per_layer: also attribute the forward's memory to each module.
+        max_batch: also predict the largest batch under ``budget x (1 - margin)``.
+
+    Returns:
+        ``EstimateResult`` with the breakdown and, when the budget is known, the max batch.
+
+    Raises:
+        SpecError: a bad spec or knob. BuildError: the model or step cannot be built/traced.
+    """
+    from autofit.predict.trace import estimate as predict_estimate
+
+    spec = as_spec(spec)
+    plan = plan_limits(spec, device, require_device=False)
+    cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
+                         precision=precision, segments=segments)
+    est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
+    mb = None
+    if max_batch and plan.limit_bytes:
+        mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
+                               plan.device_model, plan.limit_bytes, known=[est])
+    return EstimateResult(est, mb, plan, spec.memory.margin)
+
+
+def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
+          precision: str | None = None, segments: int | None = None, steps: int | None = None,
+          timeout_s: float | None = None) -> TrialResult:
+    """Run one real trial in a fresh process under the spec's memory limit.
+
+    Returns:
+        ``TrialResult``: status (fits | oom | error | timeout | crashed) is data; this never
+        raises for what the trial did.
+
+    Raises:
+        SpecError: a bad spec or knob. AutofitError: a CUDA device asked for and absent.
+    """
+    from autofit.trials.runner import run_trial
+
+    spec = as_spec(spec)
+    plan = plan_limits(spec)
+    cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
+                         precision=precision, segments=segments)
+    return run_trial(spec, cand, limit_bytes=plan.limit_bytes, steps=steps,
+                     timeout_s=timeout_s, device=plan.device)
+
+
+def tune_out_dir(spec: ExperimentSpec, out_dir: str | Path | None) -> Path:
+    """``out_dir``, else the spec's ``output.dir`` (relative to the working directory)."""
+    return Path(out_dir) if out_dir is not None else Path.cwd() / spec.output.dir
+
+
+def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = False,
+         force: bool = False, storage: str | None = None, device: str | None = None,
+         on_event: EventHandler | None = None,
+         runner: Callable[..., TrialResult] | None = None) -> TuneResult:
+    """Search the largest configuration that fits, proven by real trials; write the hand-over.
+
+    Args:
+        spec: the experiment (path, mapping or ``ExperimentSpec``).
+        out_dir: where results.json, tuned.yaml, the study and the scripts go (default:
+            ``output.dir``). It is locked for the run.
+        resume: continue the study in ``out_dir`` (or ``storage``); finished trials are not
+            repeated. force: start over in an ``out_dir`` that holds results.
+        storage: an optuna RDB URL instead of the journal file in ``out_dir``.
+        device: override the spec's device. on_event: called with each ``TuneEvent``.
+        runner: the trial function (default: a fresh process per trial).
+
+    Returns:
+        ``TuneResult``; ``.files`` lists what was written, ``.out_dir`` where.
+
+    Raises:
+        TuneFailed: the search stopped (a trial error, nothing fits); results.json keeps
+            every finished trial (``.partial``). TuneInterrupted: the same for Ctrl-C.
+        SpecError, OutputDirError, AutofitError: before any trial ran.
+    """
+    from autofit.search.tuner import run_search
+    from autofit.trials.runner import run_trial
+
+    spec = as_spec(spec)
+    directory = tune_out_dir(spec, out_dir)
+    with locked_output_dir(directory, resume=resume, force=force) as path:
+        try:
+            result = run_search(spec, out_dir=path, resume=resume, storage=storage,
+                                device=device, on_event=on_event, runner=runner or run_trial)
+        except TuneFailed as exc:
+            if exc.partial is not None and exc.partial.trials:
+                data = exc.partial.to_dict()
+                data["error"] = str(exc)
+                exc.partial.files = write_results(path, _plain(data))
+                exc.partial.out_dir = path
+            raise
+        data = _plain(result.to_dict())
+        result.out_dir = path
+        result.files = write_results(path, data) + write_exports(data, path)
+        result.plot_note = _plot(data, path / "peak_vs_batch.png")
+    return result
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON types only (enums as their values), as results.json will read back."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _plot(data: dict[str, Any], path: Path) -> str:
+    """The batch-curve PNG; a plot never loses results, so failures become the note."""
+    try:
+        from autofit.plot import BatchCurvePlot, plot_batch_curve
+
+        return plot_batch_curve(BatchCurvePlot.from_results(data), path)
+    except ImportError:
+        return f"matplotlib not installed: skipped {path.name} (pip install 'autofit[plot]')"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"skipped {path.name}: {type(exc).__name__}: {exc}"
+
+
+def export(results: str | Path | dict[str, Any], formats: Sequence[str] | None = None,
+           out_dir: str | Path | None = None) -> list[Path]:
+    """Regenerate submission scripts, overlays and target configs without re-tuning.
+
+    Args:
+        results: a results.json path (or its loaded dict).
+        formats: any of slurm, lsf, torchrun, lightning, hf, deepspeed, targets (default:
+            all, scripts as ``output.scripts`` lists them).
+        out_dir: default: next to results.json.
+
+    Returns:
+        The written paths, in order.
+
+    Raises:
+        AutofitError: an unreadable or invalid results file, an unknown format.
+    """
+    if isinstance(results, dict):
+        data, default_dir = results, Path.cwd()
+    else:
+        data, default_dir = load_results(results), Path(results).parent
+    return write_exports(data, Path(out_dir) if out_dir is not None else default_dir,
+                         list(formats) if formats else None)
+
+
+@dataclass
+class ProfileResult:
+    """Where the memory of one step goes, what each knob saves, and the plots written."""
+
+    profile: Any
+    """``autofit.predict.profile.Profile``."""
+    what_if: list[Any]
+    """``WhatIf`` rows: the step re-traced with one knob changed."""
+    baseline_bytes: int
+    """The predicted peak the what-ifs compare against."""
+    plan: Plan
+    spec_name: str
+    margin: float
+    plots: dict[str, str] = field(default_factory=dict)
+    """PNG name -> "wrote PATH" or why it was skipped."""
+    batch_curve: Any = None
+    """``autofit.plot.BatchCurvePlot`` behind peak_vs_batch.png (None without plots)."""
+
+
+def profile(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
+            precision: str | None = None, segments: int | None = None,
+            device: str | None = None, real: bool = False, what_if: bool = True,
+            plot_dir: str | Path | None = None, plots: bool = True, top: int = 10,
+            results: str | Path | None = None) -> ProfileResult:
+    """Follow memory through one training step and re-trace what each knob would save.
+
+    Args:
+        spec, batch_size, input_size, precision, segments, device: as for ``estimate``.
+        real: measure real steps on the device instead of fake tensors.
+        what_if: re-trace each knob. top: tensors alive at the peak to keep.
+        plot_dir: where the PNGs go (default: ``<output.dir>/profile``). plots: write them.
+        results: a tune results.json whose trials go on the batch plot.
+
+    Returns:
+        ``ProfileResult``.
+
+    Raises:
+        SpecError, BuildError; TrialError when ``real`` runs out of memory.
+    """
+    from autofit.predict.profile import profile_step
+    from autofit.predict.profile import what_if as what_ifs
+    from autofit.predict.trace import estimate as predict_estimate
+
+    spec = as_spec(spec)
+    if top < 0:
+        raise SpecError([f"--top: must be >= 0, got {top}"])
+    plan = plan_limits(spec, device, require_device=False)
+    cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
+                         precision=precision, segments=segments)
+    prof = profile_step(spec, cand, plan.device_model, real=real, device=plan.device,
+                        top=max(top, 1))
+    prof.top_tensors = prof.top_tensors[:top]
+    baseline = prof.peak_bytes if not real else predict_estimate(spec, cand, plan.device_model).peak_bytes
+    knobs = what_ifs(spec, cand, plan.device_model, baseline=baseline) if what_if else []
+    out = ProfileResult(prof, knobs, baseline, plan, spec.name, spec.memory.margin)
+    if plots:
+        from autofit.plot import BatchCurvePlot
+
+        directory = Path(plot_dir) if plot_dir is not None else tune_out_dir(spec, None) / "profile"
+        if results is not None:
+            out.batch_curve = BatchCurvePlot.from_results(load_results(results))
+        else:
+            peak = prof.peak_bytes if not real else baseline
+            out.batch_curve = _profile_curve(spec, cand, plan, peak)
+        out.plots = _profile_plots(prof, plan, out.batch_curve, directory)
+    return out
+
+
+PROFILE_PLOTS = ("memory_timeline.png", "peak_vs_batch.png")
+
+
+def _profile_curve(spec: ExperimentSpec, cand: Candidate, plan: Plan, profiled_peak: int) -> Any:
+    """The batch plot of a profile: the predicted max batch under the limit, from traces."""
+    from autofit.plot import BatchCurvePlot
+    from autofit.predict.batch_curve import fit_line
+    from autofit.predict.trace import estimate as predict_estimate
+
+    best = None
+    if plan.limit_bytes:
+        mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
+                               plan.device_model, plan.limit_bytes)
+        intercept, slope, points = (mb.curve.intercept_bytes, mb.curve.slope_bytes_per_sample,
+                                    list(mb.curve.points))
+        if mb.batch_size:
+            peak = mb.estimate.peak_bytes if mb.estimate else int(mb.curve.peak_at(mb.batch_size))
+            best = {**cand.with_batch(mb.batch_size).to_dict(), "predicted": True,
+                    "peak_bytes": peak}
+    else:  # budget unknown: a line through this batch and twice it
+        points = [(b, predict_estimate(spec, cand.with_batch(b), plan.device_model).peak_bytes)
+                  for b in (cand.batch_size, 2 * cand.batch_size)]
+        intercept, slope = fit_line(points)
+    return BatchCurvePlot(
+        name=spec.name, setting_key=cand.setting.key, intercept_bytes=intercept,
+        slope_bytes_per_sample=slope, points=points, best=best,
+        budget_bytes=plan.budget_bytes or None, limit_bytes=plan.limit_bytes or None,
+        margin=spec.memory.margin, profiled=(cand.batch_size, profiled_peak))
+
+
+def _profile_plots(prof: Any, plan: Plan, curve: Any, directory: Path) -> dict[str, str]:
+    """memory_timeline.png and peak_vs_batch.png; a plot never fails the profile."""
+    try:
+        from autofit.plot import plot_batch_curve, plot_timeline
+
+        directory.mkdir(parents=True, exist_ok=True)
+        out = {PROFILE_PLOTS[0]: plot_timeline(prof, directory / PROFILE_PLOTS[0],
+                                               limit_bytes=plan.limit_bytes or None,
+                                               budget_bytes=plan.budget_bytes or None)}
+        out[PROFILE_PLOTS[1]] = plot_batch_curve(curve, directory / PROFILE_PLOTS[1])
+    except ImportError:
+        return {"skipped": f"matplotlib not installed: skipped {', '.join(PROFILE_PLOTS)} "
+                           f"(pip install 'autofit[plot]')"}
+    except OSError as exc:
+        return {"skipped": f"cannot write plots to {directory}: {exc.strerror or exc}"}
+    return {k: (f"wrote {directory / k}" if v.startswith("wrote ") else v) for k, v in out.items()}
+
+
+__all__ += ["TuneResult", "TrialResult", "MemoryEstimate", "Plan"]

@@ -1,0 +1,5 @@
+"""``python -m autofit.cli``: the same as the ``autofit`` command."""
+
+from autofit.cli.app import main
+
+main()

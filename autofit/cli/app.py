@@ -1,0 +1,189 @@
+"""The ``autofit`` commands: parse the arguments, call ``autofit.api``, print the answer.
+
+Errors: one line per problem on stderr, exit code 2 (130 when interrupted); no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from autofit.cli.common import (
+    BatchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    PrecisionOpt,
+    SegmentsOpt,
+    SpecPath,
+    err,
+    fail,
+    install_signal_handlers,
+    out,
+)
+from autofit.cli.profile import profile
+from autofit.errors import AutofitError, TuneFailed, TuneInterrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the largest PyTorch training configuration that fits, proven by real steps.")
+
+
+@app.command()
+def validate(spec_path: SpecPath) -> None:
+    """Check a spec and build its model and optimizer on fake tensors (no real memory)."""
+    from autofit.api import as_spec
+    from autofit.predict.trace import trace
+    from autofit.search.plan import plan_limits, settings_of
+
+    try:
+        spec = as_spec(spec_path)
+        plan = plan_limits(spec, require_device=False)
+        settings = settings_of(spec)
+        cand = settings[-1].candidate(spec.search.batch_size.min)
+        tracker, params, seconds = trace(spec, cand, plan.device_model)
+    except AutofitError as exc:
+        fail(exc)
+    out.print(f"[green]ok[/green] {spec_path}: {spec.name!r}, {params:,} parameters, "
+              f"{len(settings)} setting(s) to search; two steps traced on fake tensors "
+              f"in {seconds:.2f} s (peak {tracker.peak_bytes:,} bytes at batch {cand.batch_size})")
+
+
+@app.command()
+def estimate(
+    spec_path: SpecPath, batch_size: BatchOpt = None, input_size: InputSizeOpt = None,
+    precision: PrecisionOpt = None, segments: SegmentsOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda: device model to apply")] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="per-module table")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict peak memory of one configuration and the largest batch under the budget."""
+    from autofit.api import estimate as api_estimate
+
+    try:
+        result = api_estimate(spec_path, batch_size=batch_size, input_size=input_size,
+                              precision=precision, segments=segments, device=device,
+                              per_layer=per_layer)
+    except AutofitError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    from autofit.cli.report import print_estimate
+
+    plan = result.plan
+    print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
+                   per_layer)
+
+
+@app.command()
+def trial(
+    spec_path: SpecPath, batch_size: BatchOpt = None, input_size: InputSizeOpt = None,
+    precision: PrecisionOpt = None, segments: SegmentsOpt = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="timed steps after the warm-up")] = None,
+    timeout_s: Annotated[float | None, typer.Option("--timeout", help="seconds")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one real trial (fresh process) under the spec's budget and print what it measured."""
+    from autofit.api import trial as api_trial
+
+    try:
+        install_signal_handlers()
+        result = api_trial(spec_path, batch_size=batch_size, input_size=input_size,
+                           precision=precision, segments=segments, steps=steps,
+                           timeout_s=timeout_s)
+    except AutofitError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(code=130) from None
+    if as_json:
+        data = result.to_dict()
+        data.update({k: v for k, v in result.extra.items() if k != "traceback"})
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        from autofit.cli.report import print_trial
+
+        print_trial(out, result)
+    if result.status.value == "error":
+        raise typer.Exit(code=2)  # the spec or the user's code is wrong, as for validate
+    if result.status.value in ("timeout", "crashed"):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def tune(
+    spec_path: SpecPath,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output dir (default: output.dir)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted tune")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output dir")] = False,
+    storage: Annotated[str | None, typer.Option("--storage", help="optuna RDB URL instead of the journal file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print results.json to stdout")] = False,
+) -> None:
+    """Search the largest configuration that fits; write results.json, tuned.yaml and scripts."""
+    from autofit.api import tune as api_tune
+    from autofit.cli.report import TuneProgress, print_tune_summary
+
+    log = err if as_json else out
+    try:
+        install_signal_handlers()
+        with TuneProgress(log) as progress:
+            result = api_tune(spec_path, out_dir=out_dir, resume=resume, force=force,
+                              storage=storage, on_event=progress)
+    except TuneFailed as exc:
+        partial = exc.partial
+        if partial is not None and partial.out_dir is not None:
+            err.print(f"{len(partial.trials)} finished trial(s) kept in "
+                      f"{partial.out_dir / 'results.json'} and the study; continue with: "
+                      f"autofit tune {spec_path} --out {partial.out_dir} --resume")
+        if isinstance(exc, TuneInterrupted):
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(code=130) from None
+        fail(exc)
+    except AutofitError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(code=130) from None
+    if as_json:
+        print((result.out_dir / "results.json").read_text(), end="")
+        return
+    print_tune_summary(out, result)
+    out.print(f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'tuned.yaml'} and "
+              f"{len(result.files) - 2} export files in {result.out_dir}"
+              + (f"; {escape(result.plot_note)}" if result.plot_note else ""))
+
+
+@app.command()
+def export(
+    results_path: Annotated[Path, typer.Argument(help="results.json written by autofit tune")],
+    fmt: Annotated[list[str] | None, typer.Option("--format", "-f", help="slurm | lsf | torchrun | lightning | hf | deepspeed | targets (repeatable; default all)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: next to results.json")] = None,
+) -> None:
+    """Regenerate submission scripts and framework configs from results.json, without re-tuning."""
+    from autofit.api import export as api_export
+
+    try:
+        written = api_export(results_path, fmt or None, out_dir)
+    except AutofitError as exc:
+        fail(exc)
+    for path in written:
+        out.print(f"wrote {path}")
+
+
+app.command()(profile)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

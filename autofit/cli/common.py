@@ -1,0 +1,50 @@
+"""What every command shares: the consoles, one-line errors, Ctrl-C handling, the spec argument."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from autofit.errors import AutofitError
+
+# Wide enough for the trial table when output is piped (rich falls back to 80 columns).
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+
+SpecPath = Annotated[Path, typer.Argument(help="YAML experiment spec", show_default=False)]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="default: search.batch_size.min")]
+InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="image side / sequence length")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32 | fp16 | bf16")]
+SegmentsOpt = Annotated[int | None, typer.Option("--segments", help="checkpoint segments")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+
+
+def fail(exc: AutofitError) -> NoReturn:
+    """Print each problem on its own line to stderr and exit with the error's code."""
+    for line in exc.problems:
+        err.print(f"[red]error:[/red] {line}", markup=True)
+    raise typer.Exit(code=exc.exit_code)
+
+
+_INTERRUPTS = {"count": 0}
+
+
+def install_signal_handlers() -> None:
+    """First Ctrl-C/SIGTERM: kill the running trial, keep what finished. Second: exit now."""
+    from autofit.trials.runner import kill_active_trials
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTS["count"] += 1
+        kill_active_trials()
+        if _INTERRUPTS["count"] > 1:
+            os._exit(130)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,82 @@
+"""Framework config overlays: Lightning CLI YAML, HF ``TrainingArguments`` JSON, DeepSpeed JSON.
+
+Each carries the batch plan's micro-batch and accumulation plus the tuned precision. YAML
+files get the ``#`` provenance header; JSON files, which have no comments, a top-level
+``"_autofit"`` object (drop keys starting with '_' before passing them on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autofit.export.batch_plan import BatchPlan
+from autofit.export.common import comment, dump_json, dump_yaml
+from autofit.export.provenance import Provenance, TunedValues, file_header
+
+LIGHTNING_PRECISION: dict[str, str] = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _json_provenance(results: dict[str, Any], plan: BatchPlan, fmt: str) -> dict[str, Any]:
+    tuned = TunedValues.from_dict(results["best"])
+    return {
+        "generated_by": f"autofit export results.json --format {fmt}",
+        **Provenance.from_results(results).as_dict(),
+        "tuned": {
+            "max_micro_batch_size": tuned.batch_size,
+            "precision": tuned.precision,
+            "checkpoint_segments": tuned.checkpoint_segments,
+            "input_size": tuned.input_size,
+            "verified": tuned.verified,
+        },
+        "plan": plan.as_dict(),
+    }
+
+
+def render_lightning(results: dict[str, Any], plan: BatchPlan) -> str:
+    """A Lightning CLI config overlay (``--config lightning.yaml``): trainer and data batch size."""
+    tuned = TunedValues.from_dict(results["best"])
+    notes = ["Lightning has no Trainer flag for activation checkpointing: enable it in the"
+             f" LightningModule ({tuned.checkpoint_segments} segments were tuned)."
+             if tuned.checkpoint_segments else "Tuned without activation checkpointing."]
+    body = {
+        "trainer": {
+            "precision": LIGHTNING_PRECISION.get(tuned.precision, "32-true"),
+            "accumulate_grad_batches": plan.gradient_accumulation_steps,
+        },
+        "data": {"batch_size": plan.micro_batch_size},
+    }
+    header = file_header(results, plan, "Lightning CLI config overlay", "lightning")
+    return header + comment(notes) + dump_yaml(body)
+
+
+def render_hf(results: dict[str, Any], plan: BatchPlan) -> str:
+    """HF ``TrainingArguments`` fields as JSON; drop keys starting with '_' before passing them."""
+    tuned = TunedValues.from_dict(results["best"])
+    provenance = _json_provenance(results, plan, "hf")
+    provenance["usage"] = ("TrainingArguments(output_dir=..., **{k: v for k, v in d.items() "
+                           "if not k.startswith('_')})")
+    if tuned.checkpoint_segments:
+        provenance["gradient_checkpointing_note"] = (
+            "HF checkpoints every layer, which saves at least as much memory as the "
+            f"{tuned.checkpoint_segments} tuned segments")
+    return dump_json({
+        "_autofit": provenance,
+        "per_device_train_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "bf16": tuned.precision == "bf16",
+        "fp16": tuned.precision == "fp16",
+        "gradient_checkpointing": tuned.checkpoint_segments > 0,
+    })
+
+
+def render_deepspeed(results: dict[str, Any], plan: BatchPlan) -> str:
+    """A DeepSpeed config: micro-batch, accumulation, global batch and mixed precision."""
+    tuned = TunedValues.from_dict(results["best"])
+    return dump_json({
+        "_autofit": _json_provenance(results, plan, "deepspeed"),
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "fp16": {"enabled": tuned.precision == "fp16"},
+        "bf16": {"enabled": tuned.precision == "bf16"},
+    })

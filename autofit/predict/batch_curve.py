@@ -1,0 +1,209 @@
+"""The largest batch under a limit: peak memory as a function of batch size, from traces.
+
+Peak is affine in batch size for fixed input size, precision and segments (piecewise affine
+when the peak moves between phases: the optimizer step at small batches, backward at large
+ones). ``predict_max_batch`` fits a line from two traces, inverts it, and pins the boundary
+with traces there (regula falsi on the bracket), so the answer is traced, not extrapolated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from autofit.candidate import Candidate
+from autofit.predict.device_model import DeviceModel
+from autofit.predict.trace import MemoryEstimate, estimate
+from autofit.spec import ExperimentSpec
+
+
+@dataclass
+class BatchCurve:
+    """peak(batch) = intercept + slope * batch, fitted from traces."""
+
+    intercept_bytes: float
+    slope_bytes_per_sample: float
+    points: list[tuple[int, int]]
+    """(batch, planned peak bytes) of every trace taken."""
+    residual: float = 0.0
+    """Largest |fit - trace| / trace of the final line over traces near the boundary."""
+    first_fit_error: float = 0.0
+    """|fit - trace| / trace of the two-point fit at its first inverted guess."""
+
+    def peak_at(self, batch: int) -> float:
+        return self.intercept_bytes + self.slope_bytes_per_sample * batch
+
+    def max_batch(self, limit_bytes: float) -> int:
+        """Largest batch with fitted peak <= limit (0 if even batch 0 does not fit)."""
+        if self.slope_bytes_per_sample <= 0:
+            return 2**31
+        return max(0, math.floor((limit_bytes - self.intercept_bytes) / self.slope_bytes_per_sample))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"intercept_bytes": self.intercept_bytes,
+                "slope_bytes_per_sample": self.slope_bytes_per_sample,
+                "points": self.points, "residual": self.residual,
+                "first_fit_error": self.first_fit_error}
+
+
+def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least-squares line through (batch, bytes) points; exact for two."""
+    n = len(points)
+    if n == 1:
+        b, y = points[0]
+        return 0.0, y / max(b, 1)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    slope = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+@dataclass
+class MaxBatchEstimate:
+    """The predicted largest batch under a limit, with the evidence."""
+
+    batch_size: int
+    """0 when even the smallest allowed batch is predicted not to fit."""
+    limit_bytes: int
+    curve: BatchCurve
+    estimates: dict[int, MemoryEstimate]
+    traces: int
+    seconds: float
+    exact: bool = True
+    """True when traces pinned it (batch fits, batch + step does not); False = quick ranking."""
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        return self.estimates.get(self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "limit_bytes": self.limit_bytes,
+                "curve": self.curve.to_dict(), "traces": self.traces,
+                "seconds": round(self.seconds, 3)}
+
+
+def _align_down(batch: int, multiple: int) -> int:
+    return batch // multiple * multiple
+
+
+class _Traces:
+    """Planned peaks by batch size for one setting, each traced once, on demand."""
+
+    def __init__(self, spec: ExperimentSpec, base: Candidate, model: DeviceModel,
+                 known: list[MemoryEstimate] | None) -> None:
+        self.spec, self.base, self.model = spec, base, model
+        # estimates already traced for this setting (e.g. the one `autofit estimate` printed)
+        self.cache: dict[int, MemoryEstimate] = {
+            e.candidate.batch_size: e for e in known or []
+            if e.candidate.with_batch(base.batch_size) == base and e.device_kind == model.kind}
+
+    def peak(self, batch: int) -> int:
+        if batch not in self.cache:
+            self.cache[batch] = estimate(self.spec, self.base.with_batch(batch), self.model)
+        return self.cache[batch].peak_bytes
+
+    def bracket(self, limit_bytes: int) -> tuple[int, int | None]:
+        """(largest traced batch that fits, smallest traced batch that does not or None)."""
+        fits = [b for b in self.cache if self.cache[b].peak_bytes <= limit_bytes]
+        fails = [b for b in self.cache if self.cache[b].peak_bytes > limit_bytes]
+        return max(fits), (min(fails) if fails else None)
+
+    def points(self) -> list[tuple[int, int]]:
+        return [(b, self.cache[b].peak_bytes) for b in sorted(self.cache)]
+
+    def line(self, x1: int, x2: int) -> BatchCurve:
+        intercept, slope = fit_line([(x1, self.peak(x1)), (x2, self.peak(x2))])
+        return BatchCurve(intercept, slope, [])
+
+
+def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
+                      limit_bytes: int, *, exact: bool = True,
+                      max_traces: int = 10,
+                      known: list[MemoryEstimate] | None = None) -> MaxBatchEstimate:
+    """Largest batch in the spec's range whose traced peak fits ``limit_bytes``.
+
+    Two traces fit the line; the inverse gives a batch; traces there and one step above pin
+    it (the peak is piecewise affine when the peak moves between phases, so re-fit on the
+    latest two points until the boundary holds). With ``exact=False`` stop after the two
+    traces (used to rank many combinations cheaply).
+    """
+    start = time.perf_counter()
+    rng = spec.search.batch_size
+    traces = _Traces(spec, base, model, known)
+
+    def done(batch: int, curve: BatchCurve, is_exact: bool = True) -> MaxBatchEstimate:
+        return MaxBatchEstimate(batch, limit_bytes, curve, traces.cache, len(traces.cache),
+                                time.perf_counter() - start, exact=is_exact)
+
+    b1 = rng.lowest
+    first = traces.peak(b1)
+    if first > limit_bytes:
+        return done(0, BatchCurve(0.0, first / max(b1, 1), [(b1, first)]))
+    # Peak is affine with a non-negative intercept, so scaling the whole peak of b1 up to the
+    # limit gives a batch that still fits; the slope comes from there and half of it, where
+    # activations (not the optimizer step of a tiny batch) set the peak.
+    b2 = min(rng.highest, _align_down(int(b1 * limit_bytes / max(first, 1)), rng.multiple_of))
+    if b2 <= b1:
+        b2 = min(rng.highest, b1 + rng.multiple_of)
+    if b2 == b1:
+        return done(b1, BatchCurve(0.0, first / max(b1, 1), [(b1, first)]))
+    traces.peak(b2)
+    if not exact:
+        batch, curve = _quick_ranking(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
+        return done(batch, curve, is_exact=False)
+    batch, curve = _pin_boundary(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of,
+                                 max_traces)
+    return done(batch, curve)
+
+
+def _quick_ranking(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,
+                   mult: int) -> tuple[int, BatchCurve]:
+    """The chord b1..b2 lies on or above a convex piecewise affine peak, so beyond b2 it
+    under-predicts memory and over-predicts the batch: a ranking that errs high never prunes
+    a setting that could win."""
+    curve = traces.line(b1, b2)
+    curve.points = traces.points()
+    best_fit, best_fail = traces.bracket(limit_bytes)
+    upper = highest if best_fail is None else best_fail - mult
+    return max(best_fit, min(upper, _align_down(curve.max_batch(limit_bytes), mult))), curve
+
+
+def _pin_boundary(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,
+                  mult: int, max_traces: int) -> tuple[int, BatchCurve]:
+    """Regula falsi on the traced bracket until batch fits and batch + step does not."""
+    bm = max(b1, _align_down(b2 // 2, mult))
+    curve = traces.line(bm if bm != b2 else b1, b2)
+    residuals: list[float] = []
+    guess = _align_down(curve.max_batch(limit_bytes), mult)
+    for _ in range(max_traces):
+        best_fit, best_fail = traces.bracket(limit_bytes)
+        if best_fit >= highest or (best_fail is not None and best_fail <= best_fit + mult):
+            break  # pinned: the next step up was traced and does not fit, or the spec's max fits
+        low, high = best_fit, (best_fail if best_fail is not None else highest + mult)
+        if not low < guess < high:
+            guess = low + mult if guess <= low else min(high - mult, highest)
+            if not low < guess < high:
+                break
+        guess = min(guess, highest)
+        peak = traces.peak(guess)
+        residuals.append(abs(curve.peak_at(guess) - peak) / max(peak, 1))
+        best_fit, best_fail = traces.bracket(limit_bytes)
+        # regula falsi on the bracket; peak(batch) is convex piecewise affine, so the secant is
+        # exact once both ends sit on the same affine piece. Without a failing end, extrapolate
+        # through the two largest traced batches.
+        curve = (traces.line(best_fit, best_fail) if best_fail is not None
+                 else traces.line(*sorted(traces.cache)[-2:]))
+        nxt = _align_down(curve.max_batch(limit_bytes), mult)
+        # at the boundary, test the step just above the best fit to pin it
+        guess = nxt if nxt > best_fit else best_fit + mult
+    best_fit, _ = traces.bracket(limit_bytes)
+    curve.points = traces.points()
+    # affinity check: the final line against every traced batch on the same piece (batches
+    # far below the boundary may peak in another phase, e.g. the optimizer step)
+    near = [(b, p) for b, p in curve.points if b >= best_fit / 4] or curve.points
+    curve.residual = max(abs(curve.peak_at(b) - p) / max(p, 1) for b, p in near)
+    curve.first_fit_error = residuals[0] if residuals else 0.0
+    return best_fit, curve

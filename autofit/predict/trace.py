@@ -1,0 +1,138 @@
+"""Trace the shared training step on fake tensors: the predicted memory of one candidate.
+
+A trace builds the model inside ``FakeTensorMode`` (no real memory, so a model far larger
+than RAM traces in seconds), runs ``TRACE_STEPS`` full steps of the very step the trials run
+(optimizer state appears at the first ``optimizer.step()``) under ``MemoryTracker``, and
+returns a ``MemoryEstimate``: the traced breakdown plus the device model's view of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses import FakeTensorMode
+
+from autofit.candidate import Candidate
+from autofit.errors import AutofitError, BuildError
+from autofit.memory import MemoryBreakdown, MemoryTracker, ModuleRecord, PhaseHooks
+from autofit.predict.device_model import DeviceModel
+from autofit.spec import ExperimentSpec
+from autofit.step import TrainingJob
+
+TRACE_STEPS = 2
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    params_bytes: int
+    saved_bytes: int
+    cumulative_bytes: int
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted memory of one candidate on one device kind."""
+
+    candidate: Candidate
+    breakdown: MemoryBreakdown
+    """Traced live bytes at the peak (block-rounded for CUDA)."""
+    device_kind: str
+    allocated_bytes: int
+    """Predicted peak as the device counts it (CUDA: max_memory_allocated)."""
+    reserved_bytes: int
+    """Predicted reserved peak (CUDA allocator); equals allocated on CPU."""
+    trace_time_s: float
+    param_count: int
+    layers: list[LayerRow] = field(default_factory=list)
+    uses_blas: bool = False
+
+    @property
+    def peak_bytes(self) -> int:
+        """The number planned against the budget."""
+        return self.reserved_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate.to_dict(),
+            "peak_bytes": self.peak_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "breakdown": self.breakdown.to_dict(),
+            "device_kind": self.device_kind,
+            "trace_time_s": round(self.trace_time_s, 4),
+            "param_count": self.param_count,
+        }
+
+
+def _friendly(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    name = type(exc).__name__
+    if "DataDependent" in name or "data-dependent" in text.lower() or "_local_scalar_dense" in text:
+        return (f"the step calls .item()/bool() on a tensor or uses a data-dependent shape, which "
+                f"a fake-tensor trace cannot follow ({text[:160]}); use a static-shape step")
+    return text[:400]
+
+
+def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
+          steps: int = TRACE_STEPS, per_layer: bool = False,
+          timeline: bool = False) -> tuple[MemoryTracker, int, float]:
+    """Run ``steps`` training steps on fake CPU tensors under a tracker.
+
+    Returns the tracker, the parameter count and the wall time. CUDA targets are traced on
+    fake *CPU* tensors (a CPU build cannot run fake CUDA backward) with the CUDA optimizer
+    choice (foreach) and 512 B block rounding.
+    """
+    start = time.perf_counter()
+    tracker = MemoryTracker(round_to=model.block_bytes, record_timeline=timeline)
+    hooks = PhaseHooks(tracker)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            job = TrainingJob(spec, candidate, torch.device("cpu"), fake=True, hooks=hooks,
+                              target_kind=model.kind)
+            for tensor in job.parameters_and_buffers():
+                tracker.track(tensor, "params")
+            param_count = sum(p.numel() for p in job.model.parameters())
+            if per_layer or timeline:
+                tracker.attach(job.model)
+            try:
+                with tracker:
+                    for _ in range(steps):
+                        job.run_step()
+            finally:
+                tracker.detach_hooks()
+    except AutofitError:
+        raise
+    except Exception as exc:
+        raise BuildError(f"tracing {candidate.label()} failed: {_friendly(exc)}") from exc
+    return tracker, param_count, time.perf_counter() - start
+
+
+def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
+             per_layer: bool = False) -> MemoryEstimate:
+    """Predict peak memory of one candidate (fake-tensor trace + device model)."""
+    tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer)
+    breakdown = tracker.breakdown()
+    traced = breakdown.peak_bytes
+    reserved = model.reserved(traced, tracker.uses_blas)
+    breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
+    layers = _layer_rows(tracker.modules) if per_layer else []
+    return MemoryEstimate(
+        candidate=candidate, breakdown=breakdown, device_kind=model.kind,
+        allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
+        trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
+    )
+
+
+def _layer_rows(modules: dict[str, ModuleRecord]) -> list[LayerRow]:
+    rows, total = [], 0
+    for record in modules.values():
+        if record.params_bytes == 0 and record.saved_bytes == 0:
+            continue
+        total += record.params_bytes + record.saved_bytes
+        rows.append(LayerRow(record.name, record.kind, record.params_bytes, record.saved_bytes, total))
+    return rows

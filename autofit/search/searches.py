@@ -1,0 +1,276 @@
+"""The three objectives' searches over settings, and the verification of the winner.
+
+``max_batch`` pins settings in order of predicted max batch and stops when none left can
+beat the best; ``max_input_size`` walks sizes down from the largest predicted to fit;
+``max_throughput`` measures samples/s at each promising setting's largest fitting batch.
+The winner is re-run over ``verify_steps`` steps; if that fails the search steps down and
+says so.
+
+The strategy decides which setting is measured next: ``binary`` takes them in predicted
+order; ``optuna`` takes the top-predicted one, then lets the TPE sampler propose among the
+settings still in play, learning from every recorded trial (OOM constraints included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from autofit.candidate import Setting
+from autofit.choices import Purpose, Strategy
+from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.search.events import Emit, Note
+from autofit.search.pinner import BatchPinner
+from autofit.search.plan import Plan
+from autofit.search.results import SettingSummary, TrialRecord
+from autofit.search.study import Ledger, objective_value, propose_setting
+from autofit.spec import ExperimentSpec
+
+PROPOSALS_PER_PICK = 6
+"""Sampler proposals tried before a pick falls back to predicted order."""
+
+
+@dataclass
+class Search:
+    """The shared state of one search: predictions, per-setting summaries, the trial ledger."""
+
+    spec: ExperimentSpec
+    plan: Plan
+    predictions: dict[Setting, MaxBatchEstimate]
+    summaries: dict[Setting, SettingSummary]
+    ledger: Ledger
+    emit: Emit
+    strategy: Strategy
+    study: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def say(self, message: str, *, note: bool = False) -> None:
+        if note:
+            self.notes.append(message)
+        self.emit(Note(message))
+
+    def exact(self, setting: Setting) -> MaxBatchEstimate:
+        """The setting's prediction pinned by traces (settings are ranked on quick ones)."""
+        if not self.predictions[setting].exact:
+            self.predictions[setting] = predict_max_batch(
+                self.spec, setting.candidate(self.spec.search.batch_size.min),
+                self.plan.device_model, self.plan.limit_bytes, exact=True)
+            self.summaries[setting].predicted_batch_size = self.predictions[setting].batch_size
+        return self.predictions[setting]
+
+    def pinner(self, setting: Setting) -> BatchPinner:
+        return BatchPinner(self.spec, setting, self.exact(setting), self.plan.limit_bytes)
+
+    def better(self, a: TrialRecord | None, b: TrialRecord) -> bool:
+        """Is b better than a for the objective (then faster)?"""
+        if a is None:
+            return True
+        va, vb = objective_value(self.spec, a.result), objective_value(self.spec, b.result)
+        if va != vb:
+            return vb > va
+        return (b.result.samples_per_s or 0) > (a.result.samples_per_s or 0)
+
+    def order(self, ranked: list[Setting], first: int = 1) -> Iterator[tuple[Setting, Any]]:
+        """Settings to measure, with the optuna trial that proposed each (None: predicted).
+
+        ``binary``: ``ranked`` as it is. ``optuna``: the ``first`` ranked ones, then the
+        sampler's proposals among those left; a proposal outside them is told PRUNED.
+        """
+        remaining = list(ranked)
+        while remaining:
+            asked = None
+            if self.strategy is Strategy.OPTUNA and self.study is not None \
+                    and len(ranked) - len(remaining) >= first:
+                asked, setting = self._propose(remaining)
+            else:
+                setting = remaining[0]
+            remaining.remove(setting)
+            yield setting, asked
+
+    def _propose(self, remaining: list[Setting]) -> tuple[Any, Setting]:
+        import optuna
+
+        for _ in range(PROPOSALS_PER_PICK):
+            asked, setting = propose_setting(self.study, self.spec)
+            if setting in remaining:
+                return asked, setting
+            self.study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+        return None, remaining[0]
+
+    def release(self, asked: Any) -> None:
+        """An optuna trial proposed for a setting that will not be run after all."""
+        if asked is not None:
+            import optuna
+
+            self.study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+
+
+def pin_setting(search: Search, setting: Setting, asked: Any = None,
+                purpose: Purpose = Purpose.PREDICTED) -> TrialRecord | None:
+    """Run trials for one setting until its largest fitting batch is pinned."""
+    pinner = search.pinner(setting)
+    ledger = search.ledger
+    best: TrialRecord | None = None
+    while pinner.next is not None and not ledger.exhausted:
+        batch = pinner.next
+        record = ledger.run(pinner.candidate(batch), purpose, pinner.predicted_peak(batch),
+                            asked=asked)
+        asked, purpose = None, Purpose.REFINE
+        pinner.observe(batch, record.result)
+        if record.result.fits and (best is None or batch > best.result.candidate.batch_size):
+            best = record
+    search.release(asked)
+    summary = search.summaries[setting]
+    summary.measured_batch_size = pinner.best_fit
+    summary.pinned = pinner.pinned
+    return best
+
+
+def search_max_batch(search: Search, settings: list[Setting]) -> TrialRecord | None:
+    """Pin settings in order of predicted max batch; stop when none left can beat the best."""
+    p = search.predictions
+    ranked = sorted(settings, key=lambda st: (-p[st].batch_size, st.checkpoint_segments,
+                                              st.precision != "fp32"))
+    best: TrialRecord | None = None
+    for setting, asked in search.order(ranked):
+        if best is not None and p[setting].batch_size * 1.05 < best.result.candidate.batch_size:
+            search.release(asked)
+            search.say(f"skipping {setting.describe()}: predicted {p[setting].batch_size} "
+                       f"cannot beat {best.result.candidate.batch_size}")
+            continue
+        if search.ledger.exhausted:
+            search.release(asked)
+            break
+        record = pin_setting(search, setting, asked)
+        if record is not None and search.better(best, record):
+            best = record
+    return best
+
+
+def search_max_input(search: Search, settings: list[Setting]) -> TrialRecord | None:
+    """Largest input size that trains at the minimum batch; per size, the leanest setting first.
+
+    Walks sizes down from the largest; the first fitting (size, setting) wins. Sizes above
+    the largest predicted to fit are not run: their prediction already says no.
+    """
+    spec, p = search.spec, search.predictions
+    bmin = spec.search.batch_size.lowest
+    order = {prec: i for i, prec in enumerate(spec.search.precisions)}
+    fitting = [st.input_size for st in settings if p[st].batch_size >= bmin]
+    # no size predicted to fit: still try the smallest, rather than answer from prediction
+    top = max(fitting) if fitting else min(spec.input_sizes)
+    skipped = [size for size in spec.input_sizes if size > top]
+    if skipped:
+        search.say(f"input sizes {', '.join(map(str, sorted(skipped)))}: predicted not to fit "
+                   f"at batch {bmin} in any setting; not run")
+    for size in sorted((s for s in spec.input_sizes if s <= top), reverse=True):
+        options = [st for st in settings if st.input_size == size]
+        # cheapest compute first among settings predicted to fit the minimum batch
+        # (no recomputation, the precision listed first); then the leanest of the rest
+        options.sort(key=lambda st: (False, st.checkpoint_segments, order[st.precision])
+                     if p[st].batch_size >= bmin else (True, -p[st].batch_size, 0))
+        for setting in options:
+            if search.ledger.exhausted:
+                return None
+            pinner = BatchPinner(spec, setting, p[setting], search.plan.limit_bytes)
+            record = search.ledger.run(pinner.candidate(bmin), Purpose.PREDICTED,
+                                       pinner.predicted_peak(bmin))
+            if record.result.fits:
+                search.summaries[setting].measured_batch_size = bmin
+                return record
+            search.say(f"input size {size} does not fit at batch {bmin} with {setting.describe()}")
+            if p[setting].batch_size < bmin:
+                break
+    return None
+
+
+def _throughput_candidates(search: Search, settings: list[Setting]) -> list[Setting]:
+    """Settings worth timing: checkpointing that buys < 25% more batch than a cheaper setting
+    of the same precision and size is pruned (recomputation costs ~30% time)."""
+    p = search.predictions
+    feasible = [st for st in settings if p[st].batch_size > 0]
+    kept = []
+    for st in feasible:
+        cheaper = [o for o in feasible if o.input_size == st.input_size
+                   and o.precision == st.precision and o.checkpoint_segments < st.checkpoint_segments]
+        if cheaper and p[st].batch_size < 1.25 * max(p[o].batch_size for o in cheaper):
+            continue
+        kept.append(st)
+    return sorted(kept, key=lambda st: (-p[st].batch_size * max(st.input_size, 1),
+                                        st.checkpoint_segments))
+
+
+def _time_setting(search: Search, setting: Setting, asked: Any) -> TrialRecord | None:
+    """One trial at the predicted max; step down only on OOM (throughput rarely needs the
+    last sample, and each extra trial costs more than it can gain)."""
+    pinner = search.pinner(setting)
+    purpose = Purpose.PREDICTED if asked is None else Purpose.EXPLORE
+    while pinner.next is not None and not search.ledger.exhausted:
+        batch = pinner.next
+        record = search.ledger.run(pinner.candidate(batch), purpose,
+                                   pinner.predicted_peak(batch), asked=asked)
+        asked, purpose = None, Purpose.REFINE
+        pinner.observe(batch, record.result)
+        if record.result.fits:
+            search.summaries[setting].measured_batch_size = batch
+            return record
+    search.release(asked)
+    return None
+
+
+def search_throughput(search: Search, settings: list[Setting]) -> TrialRecord | None:
+    """Measure samples/s at each promising setting's largest fitting batch.
+
+    One trial per surviving setting plus room for a couple of step-downs, still fewer than
+    the combinations when prediction prunes any. ``optuna``: the top half in predicted order,
+    then the sampler proposes.
+    """
+    ranked = _throughput_candidates(search, settings)
+    budget = search.spec.search.max_trials or max(4, min(len(ranked) + 2, 2 * len(ranked)))
+    search.ledger.max_trials = budget
+    best: TrialRecord | None = None
+    measured = 0
+    for setting, asked in search.order(ranked, first=max(1, budget // 2)):
+        if search.ledger.exhausted:
+            search.release(asked)
+            break
+        measured += 1
+        record = _time_setting(search, setting, asked)
+        if record is not None and search.better(best, record):
+            best = record
+    if best is None:
+        # the trial budget ran out before anything fit: keep going, one setting at a time,
+        # rather than report "nothing fits" for settings that were never tried
+        search.ledger.max_trials = 0
+        for setting in ranked:
+            best = _time_setting(search, setting, None)
+            if best is not None:
+                break
+    search.say(f"throughput: measured {measured} of {len(settings)} settings "
+               f"({len(settings) - len(ranked)} pruned by prediction)")
+    return best
+
+
+def verify_best(search: Search, best: TrialRecord) -> TrialRecord | None:
+    """Re-run the winner for ``verify_steps`` steps; step down while it fails."""
+    spec, ledger = search.spec, search.ledger
+    candidate = best.result.candidate
+    steps = spec.search.verify_steps
+    saved_max, ledger.max_trials = ledger.max_trials, 0  # verification always runs
+    try:
+        for _ in range(8):
+            record = ledger.run(candidate, Purpose.VERIFY, best.predicted_peak_bytes, steps=steps)
+            if record.result.fits:
+                if candidate != best.result.candidate and candidate.setting in search.summaries:
+                    search.summaries[candidate.setting].measured_batch_size = candidate.batch_size
+                return record
+            lower = candidate.batch_size - spec.search.batch_size.multiple_of
+            search.say(f"verification over {steps} steps failed at {candidate.label()} "
+                       f"({record.result.status.value}); stepping down to batch {lower}", note=True)
+            if lower < spec.search.batch_size.lowest:
+                return None
+            candidate = candidate.with_batch(lower)
+    finally:
+        ledger.max_trials = saved_max
+    return None

@@ -1,0 +1,127 @@
+"""``run_search``: prediction-seeded search with real trials, recorded in an optuna study.
+
+For each setting of the discrete axes (input size x precision x checkpoint segments) the
+predictor gives the largest batch under ``budget * (1 - margin)``; real trials then pin the
+boundary (``pinner``) in the order the objective's search (``searches``) chooses; the winner
+is verified and the target GPUs are configured (``targets``). Nothing is ever returned that
+was not run. Files are the caller's job (``autofit.api.tune``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from autofit.candidate import Setting
+from autofit.choices import Objective
+from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
+from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.search.events import EventHandler, emitter
+from autofit.search.plan import (
+    Plan,
+    choose_strategy,
+    nothing_fits_message,
+    plan_limits,
+    settings_of,
+)
+from autofit.search.results import SettingSummary, TuneResult
+from autofit.search.searches import (
+    Search,
+    search_max_batch,
+    search_max_input,
+    search_throughput,
+    verify_best,
+)
+from autofit.search.study import Ledger, open_study
+from autofit.search.targets import configure_targets
+from autofit.spec import ExperimentSpec
+from autofit.trials.result import TrialResult
+from autofit.trials.runner import prestart, run_trial
+
+SEARCHES = {
+    Objective.MAX_BATCH: search_max_batch,
+    Objective.MAX_INPUT_SIZE: search_max_input,
+    Objective.MAX_THROUGHPUT: search_throughput,
+}
+
+
+def predict_settings(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
+                     say: Callable[[str], None]) -> dict[Setting, MaxBatchEstimate]:
+    """The predicted largest batch of every setting (quick two-trace ranking past two)."""
+    exact = len(settings) <= 2
+    predictions: dict[Setting, MaxBatchEstimate] = {}
+    for setting in settings:
+        base = setting.candidate(spec.search.batch_size.min)
+        pred = predict_max_batch(spec, base, plan.device_model, plan.limit_bytes, exact=exact)
+        predictions[setting] = pred
+        say(f"predicted max batch {pred.batch_size:>6} at "
+            f"{base.with_batch(pred.batch_size).label()} "
+            f"({pred.traces} traces, {pred.seconds:.1f} s)")
+    return predictions
+
+
+def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: bool = False,
+               storage: str | None = None, device: str | None = None,
+               on_event: EventHandler | None = None,
+               runner: Callable[..., TrialResult] = run_trial) -> TuneResult:
+    """Find the best configuration of ``spec`` with real trials (see module docstring).
+
+    ``out_dir`` holds the optuna journal (resume) unless ``storage`` (an RDB URL) is given.
+    ``runner`` is the trial function (tests inject OOM landscapes through it). Raises
+    ``TuneFailed`` (``TuneInterrupted`` on Ctrl-C) with every finished trial in ``partial``.
+    """
+    started = time.perf_counter()
+    emit = emitter(on_event)
+    plan = plan_limits(spec, device)
+    strategy = choose_strategy(spec)
+    study = open_study(spec, Path(out_dir) if out_dir is not None else None, storage, resume)
+    ledger = Ledger(spec, plan.limit_bytes, plan.device, study, runner, emit,
+                    spec.search.max_trials)
+    search = Search(spec, plan, {}, {}, ledger, emit, strategy, study)
+    for note in plan.notes:
+        search.say(note, note=True)
+    if strategy is not spec.search.strategy and spec.search.strategy != "auto":
+        search.say(f"search.strategy {spec.search.strategy} does not apply to "
+                   f"{spec.search.objective}: ran {strategy}", note=True)
+    if ledger.cache:
+        search.say(f"resuming: {len(ledger.cache)} finished trials loaded from the study; "
+                   f"none will be repeated")
+    if runner is run_trial:
+        prestart()  # the fork server's torch import overlaps the traces
+    settings = settings_of(spec)
+    t0 = time.perf_counter()
+    search.predictions = predict_settings(spec, plan, settings, search.say)
+    predict_s = time.perf_counter() - t0
+    search.summaries = {st: SettingSummary(st, p.batch_size) for st, p in search.predictions.items()}
+
+    def partial() -> TuneResult:
+        return _result(search, predict_s, started)
+
+    try:
+        best = SEARCHES[spec.search.objective](search, settings)
+        if best is not None and spec.search.verify_steps > 0:
+            best = verify_best(search, best)
+        if best is None:
+            raise SearchError(nothing_fits_message(spec, plan, settings))
+    except KeyboardInterrupt:
+        raise TuneInterrupted(partial()) from None
+    except AutofitError as exc:
+        raise TuneFailed(exc, partial()) from exc
+    result = partial()
+    result.best = best
+    result.targets = configure_targets(spec, best, plan, ledger.runner, emit)
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
+def _result(search: Search, predict_s: float, started: float) -> TuneResult:
+    plan = search.plan
+    return TuneResult(
+        spec=search.spec, device=plan.device_info, budget_bytes=plan.budget_bytes,
+        limit_bytes=plan.limit_bytes, strategy=search.strategy, best=None,
+        trials=list(search.ledger.records), settings=list(search.summaries.values()),
+        notes=search.notes, predict_s=predict_s,
+        curves={k.key: v.to_dict() for k, v in search.predictions.items()},
+        wall_time_s=time.perf_counter() - started,
+    )
