@@ -58,6 +58,16 @@ GPT_TINY: dict[str, Any] = {
 """The smallest GPT, for the slow 3-axis (size x precision x segments) search."""
 
 
+MARGIN = 0.10
+BUDGETS: dict[str, str] = {
+    "mlp": "23.8MiB",  # peak is params + grads + AdamW state + ~3 KiB per sample
+    "resnet": "64MiB",
+    "vit": "75MiB",
+    "gpt": "167MiB",
+}
+"""One emulated device per zoo case, shared by every benchmark so their figures compare."""
+
+
 def case_names() -> list[str]:
     return list(CASES)
 

@@ -45,6 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _zoo_cases import (  # noqa: E402
+    BUDGETS,
+    MARGIN,
     Report,
     case_names,
     machine_line,
@@ -53,13 +55,6 @@ from _zoo_cases import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-MARGIN = 0.10
-BUDGETS: dict[str, str] = {
-    "mlp": "23.74MiB",  # peak is params + grads + AdamW state + ~3 KiB per sample
-    "resnet": "34.2MiB",
-    "vit": "45MiB",
-    "gpt": "126MiB",
-}
 """Per-case budgets (binary MiB) that put the largest fp32 batch at ~20 (the exhaustive scan
 costs ~N^2 in batch, so the low end of ~20-60 keeps the full run near 10 minutes)."""
 BATCH_SEARCH = {"batch_size": {"min": 1, "max": 4096}, "precision": ["fp32"],

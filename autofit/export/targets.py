@@ -55,12 +55,19 @@ def _entry(target: dict[str, Any], slug: str, output: OutputSpec | None) -> dict
         "input_size": target.get("input_size", 0),
         "predicted_peak": format_bytes(predicted) if predicted is not None else None,
         "predicted_peak_bytes": predicted,
-        "status": "verified" if target.get("verified") else "predicted-only",
+        "status": target_status(target),
         "note": str(target.get("note", "")),
     }
     if output is not None and batch >= 1:
         entry["plan"] = plan_for_output(batch, output).as_dict()
     return entry
+
+
+def target_status(target: dict[str, Any]) -> str:
+    """verified (a capped run fitted) | failed (every capped run ran out) | predicted-only."""
+    if target.get("failed"):
+        return "failed"
+    return "verified" if target.get("verified") else "predicted-only"
 
 
 def render_targets(results: dict[str, Any], output: OutputSpec | None = None) -> str:
@@ -77,6 +84,7 @@ def render_targets(results: dict[str, Any], output: OutputSpec | None = None) ->
         f"Caveat: {TARGET_CAVEAT}.",
         "verified: a real run with the memory capped to the target size fitted;",
         "predicted-only: from the memory model, never run. Re-tune on the real GPU when you can.",
+        "failed: every capped run ran out of memory; no config is written for it.",
     ])
     return header + dump_yaml({"targets": entries})
 
@@ -86,7 +94,7 @@ def render_target_config(results: dict[str, Any], target: dict[str, Any]) -> str
     stored = results.get("spec")
     raw = stored if isinstance(stored, dict) else {}
     memory = target.get("memory_bytes")
-    status = "verified" if target.get("verified") else "predicted-only"
+    status = target_status(target)
     header = comment([
         f"Experiment spec tuned for target {target.get('name')}"
         + (f" ({format_bytes(memory)})" if memory is not None else "") + f": {status}.",

@@ -492,30 +492,48 @@ def what_if(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceMode
 
     if baseline is None:
         baseline = estimate(spec, candidate, device_model).peak_bytes
-    base = baseline
     results: list[WhatIf] = []
-
-    def run(knob: str, change: str, cand: Candidate, s: ExperimentSpec | None = None,
-            na: str = "") -> None:
-        item = WhatIf(knob=knob, change=change, candidate=cand, baseline_peak_bytes=base)
+    for knob, change, cand, knob_spec, na in _knobs(spec, candidate, device_model):
+        item = WhatIf(knob=knob, change=change, candidate=cand, baseline_peak_bytes=baseline)
         if na:
             item.reason = na
         else:
-            try:
-                est = estimate(s or spec, cand, device_model)
-            except AutofitError as exc:
-                text = " ".join(exc.problems) if exc.problems else str(exc)
-                structural = knob.startswith("checkpoint") and isinstance(exc, BuildError) and (
-                    "exceeds" in text or "needs an nn.Sequential" in text)
-                item.reason = f"n/a: {text[:240]}" if structural else f"trace failed: {text[:240]}"
-            else:
-                item.predicted_peak_bytes = est.peak_bytes
-                item.saving_bytes = base - est.peak_bytes
-                item.saving_pct = 100.0 * item.saving_bytes / base if base else 0.0
-                item.breakdown = est.breakdown
+            _trace_knob(item, knob_spec or spec, device_model)
         results.append(item)
         if on_knob is not None:
             on_knob(item)
+    return results
+
+
+def _trace_knob(item: WhatIf, spec: ExperimentSpec, device_model: DeviceModel) -> None:
+    """Fill ``item`` from a trace of its candidate (or why it could not be traced)."""
+    from autofit.predict.trace import estimate
+
+    base = item.baseline_peak_bytes
+    try:
+        est = estimate(spec, item.candidate, device_model)
+    except AutofitError as exc:
+        text = " ".join(exc.problems) if exc.problems else str(exc)
+        structural = item.knob.startswith("checkpoint") and isinstance(exc, BuildError) and (
+            "exceeds" in text or "needs an nn.Sequential" in text)
+        item.reason = f"n/a: {text[:240]}" if structural else f"trace failed: {text[:240]}"
+        return
+    item.predicted_peak_bytes = est.peak_bytes
+    item.saving_bytes = base - est.peak_bytes
+    item.saving_pct = 100.0 * item.saving_bytes / base if base else 0.0
+    item.breakdown = est.breakdown
+
+
+_Knob = tuple[str, str, Candidate, "ExperimentSpec | None", str]
+
+
+def _knobs(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceModel) -> list[_Knob]:
+    """(knob, change, candidate, spec override, n/a reason) for every what-if row."""
+    knobs: list[_Knob] = []
+
+    def run(knob: str, change: str, cand: Candidate, s: ExperimentSpec | None = None,
+            na: str = "") -> None:
+        knobs.append((knob, change, cand, s, na))
 
     c = candidate
     seg = c.checkpoint_segments
@@ -564,4 +582,5 @@ def what_if(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceMode
         sgd_na = "n/a: already plain SGD (no optimizer state)"
     run("optimizer=SGD", f"optimizer {short} -> SGD (no momentum, no state)", c,
         dataclasses.replace(spec, optimizer=sgd), na=sgd_na)
-    return results
+    return knobs
+
