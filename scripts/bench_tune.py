@@ -97,7 +97,7 @@ def batch_row(name: str, say: Any) -> tuple[list[Any], int, bool]:
 
     spec = spec_of(name, BUDGETS[name], margin=MARGIN, search=BATCH_SEARCH)
     t0 = time.perf_counter()
-    result = tune(spec, on_event=lambda m: say(f"  [{name}] {m}"))
+    result = tune(spec, on_event=lambda e: say(f"  [{name}] {e.message}") if hasattr(e, "message") else None)
     wall = time.perf_counter() - t0
     assert result.best is not None
     found = result.best.result.candidate.batch_size
@@ -121,7 +121,7 @@ def three_axis(say: Any) -> list[Any]:
     combos = (len(THREE_AXIS_SEARCH["input_size"]) * len(THREE_AXIS_SEARCH["precision"])
               * len(THREE_AXIS_SEARCH["checkpoint_segments"]))
     t0 = time.perf_counter()
-    result = tune(spec, on_event=lambda m: say(f"  [3-axis] {m}"))
+    result = tune(spec, on_event=lambda e: say(f"  [3-axis] {e.message}") if hasattr(e, "message") else None)
     wall = time.perf_counter() - t0
     assert result.best is not None
     c = result.best.result.candidate

@@ -171,7 +171,7 @@ def part_b(quick: bool) -> None:
     spec = make_spec("gpt2", budget=str(cap), margin=0.0, precision=["bf16"], input_size=[512],
                      batch_size={"min": 1, "max": 4096})
     t = time.time()
-    result = tune(spec, on_event=lambda m: None)
+    result = tune(spec, on_event=None)
     autofit_s = time.time() - t
     best = result.best.result.candidate.batch_size
     steps = result.real_steps
@@ -231,7 +231,7 @@ def part_d(quick: bool) -> None:
                     {"name": "V100-16GB", "memory": "16GiB", "bf16": False}],
     })
     t = time.time()
-    result = tune(spec, on_event=lambda m: emit(f"    {m}"))
+    result = tune(spec, on_event=lambda e: emit(f"    {e.message}") if hasattr(e, "message") else None)
     best = result.best.result
     emit(f"best {best.candidate.label()}: reserved {best.peak_bytes / GiB:.2f} GiB of limit "
          f"{result.limit_bytes / GiB:.2f} GiB; {result.real_trials} trials "
