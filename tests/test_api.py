@@ -176,11 +176,6 @@ def test_export_regenerates_files_from_results_json(tmp_path: Path):
         autofit.export(tuned_dir / "results.json", ["nope"], other)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: autofit/search/results.py TrialRecord.to_dict does r.limit_kind.value, so a runner= "
-    "whose TrialResult carries limit_kind as a plain string (TrialResult.to_dict accepts it via "
-    "LimitKind(...); tests/test_tune.py's Landscape does it) crashes autofit.tune with "
-    "AttributeError after the search, before results.json is written"))
 def test_runner_result_with_string_limit_kind_is_accepted(tmp_path: Path):
     land = Landscape()
 

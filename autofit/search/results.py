@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autofit.candidate import Setting
-from autofit.choices import Purpose, Strategy
+from autofit.choices import LimitKind, Phase, Purpose, Strategy
 from autofit.export.results_io import SCHEMA_VERSION
 from autofit.spec import ExperimentSpec
 from autofit.trials.result import TrialResult
@@ -47,8 +47,8 @@ class TrialRecord:
             "seconds": round(r.wall_time_s, 3),
             "overhead_s": round(r.overhead_s, 3),
             "steps": self.steps,
-            "limit_kind": r.limit_kind.value,
-            "phase": r.phase.value if r.phase else "",
+            "limit_kind": LimitKind(r.limit_kind or "none").value,
+            "phase": Phase(r.phase).value if r.phase else "",
             "warning": r.warning,
             "resumed": self.resumed,
         }

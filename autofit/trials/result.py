@@ -50,6 +50,12 @@ class TrialResult:
     loss: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a runner may hand back plain strings (injected runners, older results)
+        self.status = TrialStatus(self.status)
+        self.limit_kind = LimitKind(self.limit_kind or "none")
+        self.phase = Phase(self.phase) if self.phase else None
+
     @property
     def fits(self) -> bool:
         return self.status is TrialStatus.FITS
