@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shlex
@@ -10,73 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from landscape import Landscape, make_raw, make_spec
 
 import autofit
 from autofit.candidate import Candidate
-from autofit.choices import LimitKind
-from autofit.memory import MemoryBreakdown
-from autofit.predict import estimate as predict_estimate
-from autofit.predict.device_model import CPU
-from autofit.spec import spec_from_dict
 from autofit.trials import TrialResult, TrialStatus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-RAW = {
-    "name": "tiny-mlp",
-    "model": {"_target_": "autofit.zoo.mlp", "in_features": 64, "hidden": 64, "depth": 2,
-              "out_features": 8},
-    "data": {"kind": "tensor", "shape": [64], "num_classes": 8},
-    "device": "cpu",
-    "memory": {"budget": "4MiB", "margin": 0.10},
-    "search": {"steps_per_trial": 1, "verify_steps": 3},
-}
-
-
-def make_raw(**search) -> dict:
-    raw = copy.deepcopy(RAW)
-    raw["search"].update(search)
-    return raw
-
-
-def make_spec(**search):
-    return spec_from_dict(make_raw(**search))
-
-
-class Landscape:
-    """A fake trial runner: peak = traced peak * factor; fits iff peak <= limit."""
-
-    def __init__(self, factor: float = 1.0, speed=None, fail_at: int | None = None) -> None:
-        self.factor = factor
-        self.speed = speed or (lambda c: 100.0 * c.batch_size / (1 + 0.01 * c.batch_size))
-        self.calls: list[tuple[int, int, str, int, int]] = []
-        self.fail_at = fail_at
-        self._cache: dict[Candidate, int] = {}
-
-    def peak(self, spec, c: Candidate) -> int:
-        if c not in self._cache:
-            self._cache[c] = int(predict_estimate(spec, c, CPU).peak_bytes * self.factor)
-        return self._cache[c]
-
-    def __call__(self, spec, candidate, *, limit_bytes, steps, device) -> TrialResult:
-        self.calls.append((candidate.batch_size, candidate.input_size, candidate.precision,
-                           candidate.checkpoint_segments, steps))
-        if self.fail_at is not None and candidate.batch_size == self.fail_at:
-            return TrialResult(candidate=candidate, status=TrialStatus.ERROR,
-                               message="RuntimeError in forward: mat1 and mat2 shapes cannot be multiplied")
-        peak = self.peak(spec, candidate)
-        if peak > limit_bytes:
-            return TrialResult(candidate=candidate, status=TrialStatus.OOM, message="oom",
-                               memory=MemoryBreakdown(peak_bytes=limit_bytes + 1),
-                               limit_bytes=limit_bytes, limit_kind=LimitKind.CPU_BUDGET, steps_run=1)
-        return TrialResult(candidate=candidate, status=TrialStatus.FITS,
-                           memory=MemoryBreakdown(peak_bytes=peak), limit_bytes=limit_bytes,
-                           step_time_s=candidate.batch_size / self.speed(candidate),
-                           samples_per_s=self.speed(candidate), steps_run=2 + steps,
-                           limit_kind=LimitKind.CPU_BUDGET)
-
 
 def _exported(script: Path) -> dict[str, str]:
     """``export NAME=VALUE`` lines of a generated shell script."""
