@@ -70,11 +70,6 @@ class Setting(NamedTuple):
         """``"256/bf16/2"``: the setting's name in results.json (curves, plots)."""
         return f"{self.input_size}/{Precision(self.precision).value}/{self.checkpoint_segments}"
 
-    @classmethod
-    def from_key(cls, key: str) -> Setting:
-        size, precision, segments = key.split("/")
-        return cls(int(size), Precision(precision), int(segments))
-
     def candidate(self, batch_size: int) -> Candidate:
         return Candidate(batch_size=batch_size, input_size=self.input_size,
                          precision=Precision(self.precision),

@@ -78,8 +78,6 @@ class Purpose(Choice):
     """The winner re-run over ``verify_steps`` steps."""
     EXPLORE = "explore"
     """A setting proposed by optuna's sampler (max_throughput)."""
-    TARGET = "target"
-    """A target GPU emulated by a capped trial."""
 
 
 class Strategy(Choice):

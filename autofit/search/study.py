@@ -101,15 +101,10 @@ class Ledger:
         return self.max_trials > 0 and self.new_trials >= self.max_trials
 
     def run(self, candidate: Candidate, purpose: Purpose, predicted_peak: int | None,
-            steps: int | None = None, asked: Any = None,
-            limit_bytes: int | None = None) -> TrialRecord:
-        """Run (or recall) one candidate. ``asked``: an optuna trial the sampler proposed.
-
-        ``limit_bytes`` overrides the tune's limit (a target GPU emulated by a capped trial).
-        """
+            steps: int | None = None, asked: Any = None) -> TrialRecord:
+        """Run (or recall) one candidate. ``asked``: an optuna trial the sampler proposed."""
         steps = self.default_steps if steps is None else steps
-        limit = self.limit_bytes if limit_bytes is None else limit_bytes
-        key = _key(candidate, steps) + (limit,) * (limit_bytes is not None)
+        key = _key(candidate, steps)
         # a verification must run, even where a search trial had the same steps
         stale = purpose is Purpose.VERIFY and key in self.cache \
             and self.cache[key].purpose is not Purpose.VERIFY
@@ -122,7 +117,7 @@ class Ledger:
                 self.emit(TrialFinished(record))
             return record
         self.emit(TrialStarted(candidate, purpose))
-        result = self.runner(self.spec, candidate, limit_bytes=limit, steps=steps,
+        result = self.runner(self.spec, candidate, limit_bytes=self.limit_bytes, steps=steps,
                              device=self.device)
         self.new_trials += 1
         number = self._store(candidate, result, purpose, predicted_peak, steps, asked)

@@ -93,8 +93,9 @@ def configure_targets(spec: ExperimentSpec, best: TrialRecord, plan: Plan,
     for target in spec.targets:
         entry, base, usable = _target_entry(spec, target, best.result.candidate, plan)
         if not entry["batch_size"]:
-            pass
-        elif on_cuda and target.memory_bytes < card_bytes:
+            out.append(entry)  # the note says it does not fit; nothing to verify
+            continue
+        if on_cuda and target.memory_bytes < card_bytes:
             _verify_target(spec, entry, base, usable, plan, runner)
             status = "verified" if entry["verified"] else "failed"
             emit(Note(f"target {target.name}: batch {entry['batch_size']} ({status})"))
