@@ -35,6 +35,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command()
 def validate(spec_path: SpecPath) -> None:
     """Check a spec and build its model and optimizer on fake tensors (no real memory)."""
+    from autofit.errors import SpecError
+    from autofit.spec import load_spec
+
+    try:  # the spec's own structure first: a bad spec is answered without importing torch
+        load_spec(spec_path, check_imports=False)
+    except SpecError as exc:
+        fail(exc, note="import paths (model, optimizer, loss, step) are checked once the "
+                       "problems above are fixed")
     from autofit.api import as_spec
     from autofit.predict.trace import trace
     from autofit.search.plan import plan_limits, settings_of

@@ -25,10 +25,13 @@ SegmentsOpt = Annotated[int | None, typer.Option("--segments", help="checkpoint 
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
 
 
-def fail(exc: AutofitError) -> NoReturn:
-    """Print each problem on its own line to stderr and exit with the error's code."""
+def fail(exc: AutofitError, note: str | None = None) -> NoReturn:
+    """Print each problem on its own line to stderr (then ``note``) and exit with the
+    error's code."""
     for line in exc.problems:
         err.print(f"[red]error:[/red] {line}", markup=True)
+    if note:
+        err.print(f"note: {note}", markup=False)
     raise typer.Exit(code=exc.exit_code)
 
 

@@ -6,20 +6,22 @@ memory is quoted both ways ("40GB" A100 = 40 GiB of HBM, minus what the driver k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from autofit.choices import Purpose
-from autofit.memory import MemoryBreakdown
-from autofit.predict.batch_curve import MaxBatchEstimate
-from autofit.predict.trace import MemoryEstimate
 from autofit.search.events import Note, TrialFinished, TrialStarted, TuneEvent
-from autofit.search.results import TrialRecord, TuneResult
-from autofit.trials.result import TrialResult
 from autofit.units import format_binary, format_bytes, format_decimal
+
+if TYPE_CHECKING:  # torch-importing modules: the CLI starts without them
+    from autofit.memory import MemoryBreakdown
+    from autofit.predict.batch_curve import MaxBatchEstimate
+    from autofit.predict.trace import MemoryEstimate
+    from autofit.search.results import TrialRecord, TuneResult
+    from autofit.trials.result import TrialResult
 
 
 def _mib(num_bytes: int | float | None) -> str:
