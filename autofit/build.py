@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autofit.batch import image_hw
 from autofit.candidate import Candidate
 from autofit.errors import BuildError
 from autofit.spec import ExperimentSpec, resolve_import
@@ -234,11 +235,8 @@ def input_shape(spec: ExperimentSpec, candidate: Candidate) -> tuple[int, ...]:
     data = spec.data
     b = candidate.batch_size
     if data.kind == "image":
-        h, w = data.size
-        if candidate.input_size and candidate.input_size != spec.default_input_size:
-            # keep the aspect ratio of data.size when searching the resolution
-            w = max(1, round(w * candidate.input_size / h))
-            h = candidate.input_size
+        # keep the aspect ratio of data.size when searching the resolution
+        h, w = image_hw(spec, candidate.input_size)
         return (b, data.channels, h, w)  # batch, channels, height, width
     if data.kind == "tokens":
         return (b, candidate.input_size or data.seq_len)  # batch, tokens
@@ -252,6 +250,20 @@ def make_input(spec: ExperimentSpec, candidate: Candidate, device: torch.device)
         assert spec.data.vocab_size is not None
         return torch.randint(0, spec.data.vocab_size, shape, device=device)
     return torch.randn(shape, device=device)
+
+
+def make_pair(spec: ExperimentSpec, candidate: Candidate, device: torch.device) -> Any:
+    """The shorthand batch as a data loader yields it to a LightningModule or a custom step:
+    ``(x, y)`` with class ids per sample (image, tensor) or next-token ids (tokens); ``x``
+    alone when the data has no class count."""
+    x = make_input(spec, candidate, device)
+    b = candidate.batch_size
+    if spec.data.kind == "tokens":
+        assert spec.data.vocab_size is not None
+        return x, torch.randint(0, spec.data.vocab_size, tuple(x.shape), device=device)
+    if spec.data.num_classes:
+        return x, torch.randint(0, spec.data.num_classes, (b,), device=device)
+    return x
 
 
 def make_target(spec: ExperimentSpec, output_shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -278,6 +290,9 @@ def extract_loss(output: Any) -> torch.Tensor:
         loss = output["loss"]
     elif hasattr(output, "loss"):
         loss = output.loss
+        if loss is None:
+            raise BuildError(f"loss: model: {type(output).__name__}.loss is None: the model computes "
+                             "no loss without labels; add a labels field to data.batch, or set loss")
     elif isinstance(output, tuple | list) and output and isinstance(output[-1], torch.Tensor):
         loss = output[-1]
     else:

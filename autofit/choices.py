@@ -32,6 +32,49 @@ class Precision(Choice):
     BF16 = "bf16"
 
 
+PRECISION_ALIASES: dict[str, str] = {
+    "32-true": "fp32", "32": "fp32", "float32": "fp32",
+    "16-mixed": "fp16", "16": "fp16", "float16": "fp16",
+    "bf16-mixed": "bf16", "bfloat16": "bf16",
+}
+"""Lightning's and torch's names for the same precisions (``Trainer(precision="bf16-mixed")``)."""
+
+
+class StepKind(Choice):
+    """Which training step a result was proven with."""
+
+    AUTOFIT = "autofit"
+    """autofit's step: ``out = model(x); loss = loss_fn(out, y)``, output held through backward."""
+    HF = "hf"
+    """``out = model(**batch); out.loss.backward()``: the model computes its loss, output held."""
+    HF_TRAINER = "hf_trainer"
+    """HF ``Trainer.training_step``: only the loss is kept, the output is freed before backward."""
+    LIGHTNING = "lightning"
+    """A LightningModule's ``training_step`` in Lightning's automatic-optimization loop."""
+    LIGHTNING_MANUAL = "lightning_manual"
+    """A LightningModule with ``automatic_optimization = False``: its training_step is the step."""
+    CUSTOM = "custom"
+    """The user's full step function: forward, backward and optimizer."""
+    CUSTOM_FORWARD = "custom_forward"
+    """The user's forward-and-loss function; autofit runs backward and the optimizer."""
+
+    def describe(self) -> str:
+        return STEP_DESCRIPTIONS[self]
+
+
+STEP_DESCRIPTIONS: dict[StepKind, str] = {
+    StepKind.AUTOFIT: "autofit's step (out = model(x); loss(out, y); output held through backward; "
+                      "zero_grad after optimizer.step)",
+    StepKind.HF: "Hugging Face model(**batch) computing its own loss (output held through backward)",
+    StepKind.HF_TRAINER: "Hugging Face Trainer step (model(**batch).loss; output freed before backward)",
+    StepKind.LIGHTNING: "Lightning automatic optimization (training_step, zero_grad, backward, "
+                        "optimizer.step; next batch prefetched)",
+    StepKind.LIGHTNING_MANUAL: "Lightning manual optimization (the module's training_step is the step)",
+    StepKind.CUSTOM: "the spec's custom step function (forward, backward and optimizer)",
+    StepKind.CUSTOM_FORWARD: "the spec's forward function (its loss; autofit runs backward and step)",
+}
+
+
 class Phase(Choice):
     """Where in the training step an allocation (or the peak, or a failure) happened."""
 

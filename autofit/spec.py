@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from autofit.choices import Objective, Precision, Strategy
+from autofit.choices import PRECISION_ALIASES, Objective, Precision, Strategy
 from autofit.errors import SpecError
 from autofit.units import parse_bytes
 
@@ -41,6 +41,14 @@ CPU_LIMITS: tuple[str, ...] = ("budget", "rlimit")
 SCRIPTS: tuple[str, ...] = ("slurm", "lsf", "torchrun")
 BUILTIN_LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "model")
 DATA_KINDS: tuple[str, ...] = ("image", "tokens", "tensor")
+BUILTIN_STEPS: tuple[str, ...] = ("autofit", "hf_trainer")
+"""Named steps for ``step:``; anything else is an import path (Lightning is found by its class)."""
+FIELD_KINDS: tuple[str, ...] = ("tokens", "ones", "zeros", "classes", "normal", "uniform", "image")
+"""What a structured batch field holds (``data.batch``)."""
+FIELD_DTYPES: tuple[str, ...] = ("int64", "int32", "bool", "float32", "float16", "bfloat16")
+SIZE_AXIS_NAMES: tuple[str, ...] = ("input_size", "seq_len")
+"""Names a field's shape may use for the input-size axis (searched by ``search.input_size``)."""
+TARGET_FIELD_NAMES: tuple[str, ...] = ("labels", "label", "target", "targets", "y")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +59,22 @@ class ModelSpec:
     """Keyword arguments; the string ``"${input_size}"`` is replaced by the trial's input size."""
     blocks: str | None = None
     """Attribute path of the ``nn.ModuleList`` split into checkpoint segments; None = auto."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchField:
+    """One field of a structured batch: what it holds and its per-sample shape."""
+
+    name: str
+    kind: str
+    """One of FIELD_KINDS: token ids, ones/zeros (masks), class ids, normal/uniform floats, image."""
+    shape: tuple[int | str, ...] | None = None
+    """Per-sample shape; ``"input_size"`` marks the searched axis. None: the kind's default
+    (tokens/ones/zeros: ``(input_size,)``, image: ``(channels, H, W)``, classes per sample: ``()``)."""
+    dtype: str | None = None
+    """Torch dtype name; None: int64 for ids and masks, float32 for floats."""
+    high: int | None = None
+    """Exclusive upper bound of token/class ids (tokens: ``data.vocab_size``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +90,12 @@ class DataSpec:
     """Token sequence length."""
     shape: tuple[int, ...] = ()
     """Per-sample shape for kind=tensor."""
+    batch: tuple[BatchField, ...] = ()
+    """Structured batch fields; empty means the single-tensor shorthand of ``kind``."""
+    batch_form: Literal["tensor", "dict", "tuple"] = "tensor"
+    """dict: ``model(**batch)``; tuple: ``(inputs..., target)``; tensor: one input ``x``."""
+    target: str | None = None
+    """Field given to ``loss`` (not the model) when the loss is not ``model``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +193,10 @@ class ExperimentSpec:
     targets: tuple[TargetSpec, ...] = ()
     output: OutputSpec = field(default_factory=OutputSpec)
     step: str | None = None
-    """Import path of a user step ``fn(model, batch_size, input_size, device) -> loss``."""
+    """None: chosen from the model and batch (autofit / hf / lightning); ``autofit`` or
+    ``hf_trainer``; or the import path of a user step: a full step
+    ``fn(model, optimizer, batch, scaler, ...) -> loss`` or the forward form
+    ``fn(model, batch_size, input_size, device) -> loss``."""
     source_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The YAML as loaded, used to write tuned.yaml with the same keys the user wrote."""
@@ -397,25 +430,107 @@ def _size_pair(p: _Problems, path: tuple, value: Any) -> tuple[int, int]:
     return (side, side)
 
 
+def _field_shape(p: _Problems, path: tuple, value: Any) -> tuple[int | str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        p.add(path, f"must be a list of sizes (ints or 'input_size'), got {value!r}")
+        return None
+    dims: list[int | str] = []
+    for i, dim in enumerate(value):
+        if isinstance(dim, str):
+            if dim not in SIZE_AXIS_NAMES:
+                p.add(path + (i,), f"must be a positive int or one of {', '.join(SIZE_AXIS_NAMES)}, got {dim!r}")
+            dims.append("input_size")
+        else:
+            dims.append(_int(p, path + (i,), dim, minimum=1, default=1))
+    return tuple(dims)
+
+
+def _batch_field(p: _Problems, path: tuple, name: str, value: Any, kind: str) -> BatchField:
+    """``tokens`` / ``ones`` / ... or ``{kind, shape, dtype, high}`` / ``{classes: N, per}``."""
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict):
+        p.add(path, f"must be a field kind ({', '.join(FIELD_KINDS)}) or a mapping, got {value!r}")
+        return BatchField(name=name, kind="normal")
+    _check_keys(p, path, value, ("kind", "shape", "dtype", "high", "classes", "per"))
+    default_kind = "classes" if "classes" in value else None
+    field_kind = _choice(p, path + ("kind",), value.get("kind", default_kind), FIELD_KINDS, "normal")
+    shape = _field_shape(p, path + ("shape",), value.get("shape"))
+    high = None
+    if field_kind == "classes":
+        if "classes" not in value and "high" not in value:
+            p.add(path, "missing 'classes' (number of classes, e.g. {classes: 3, per: sample})")
+        high = _int(p, path + ("classes",), value.get("classes", value.get("high", 2)), minimum=1,
+                    default=2)
+        per = _choice(p, path + ("per",), value.get("per", "sample"), ("sample", "token"), "sample")
+        if shape is None:
+            shape = () if per == "sample" else ("input_size",)
+    elif "high" in value:
+        high = _int(p, path + ("high",), value["high"], minimum=1, default=2)
+    elif field_kind == "tokens" and kind != "tokens":
+        p.add(path, "tokens fields need data.kind: tokens (for vocab_size) or 'high'")
+    if field_kind in ("normal", "uniform") and shape is None and kind != "tensor":
+        p.add(path + ("shape",), f"missing (per-sample shape of the {field_kind} floats)")
+    dtype = value.get("dtype")
+    if dtype is not None:
+        dtype = _choice(p, path + ("dtype",), dtype, FIELD_DTYPES, "float32")
+    return BatchField(name=name, kind=field_kind, shape=shape, dtype=dtype, high=high)
+
+
+def _load_batch(p: _Problems, data: dict, kind: str
+                ) -> tuple[tuple[BatchField, ...], str, str | None]:
+    value = data.get("batch")
+    path = ("data", "batch")
+    if value is None:
+        return (), "tensor", None
+    if isinstance(value, dict) and value:
+        fields = tuple(_batch_field(p, path + (name,), str(name), item, kind)
+                       for name, item in value.items())
+        form = "dict"
+    elif isinstance(value, list) and value:
+        fields = tuple(_batch_field(p, path + (i,), f"field{i}", item, kind)
+                       for i, item in enumerate(value))
+        form = "tuple"
+    else:
+        p.add(path, "must be a mapping of named fields (model(**batch)) or a list (a tuple batch), "
+                    f"got {value!r}")
+        return (), "tensor", None
+    target = data.get("target")
+    names = [f.name for f in fields]
+    if target is not None and (form != "dict" or target not in names):
+        p.add(("data", "target"), f"must name a field of data.batch ({', '.join(names)}), got {target!r}")
+        target = None
+    if target is None and form == "dict":
+        target = next((n for n in TARGET_FIELD_NAMES if n in names), None)
+    return fields, form, target
+
+
 def _load_data(p: _Problems, raw: dict) -> DataSpec:
     data = _section(p, raw, "data")
     if "data" not in raw and not raw.get("step"):
         p.add(("data",), "missing (e.g. {kind: image, channels: 3, size: 32, num_classes: 10})")
+    errors_before = len(p.items)
     kind = _choice(p, ("data", "kind"), data.get("kind", "image" if not data else None),
                    DATA_KINDS, "image") if data else "image"
+    if len(p.items) > errors_before:
+        return DataSpec(kind="image")  # an unknown kind: its keys cannot be checked against it
     allowed = {
         "image": ("kind", "channels", "size", "num_classes"),
         "tokens": ("kind", "vocab_size", "seq_len"),
         "tensor": ("kind", "shape", "num_classes"),
     }[kind]
-    _check_keys(p, ("data",), data, allowed)
+    _check_keys(p, ("data",), data, (*allowed, "batch", "target"))
+    fields, form, target = _load_batch(p, data, kind)
+    batch = {"batch": fields, "batch_form": form, "target": target}
     if kind == "image":
         return DataSpec(
             kind="image",
             channels=_int(p, ("data", "channels"), data.get("channels", 3), minimum=1, default=3),
             size=_size_pair(p, ("data", "size"), data.get("size", 32)),
             num_classes=_int(p, ("data", "num_classes"), data["num_classes"], minimum=1, default=10)
-            if "num_classes" in data else None,
+            if "num_classes" in data else None, **batch,
         )
     if kind == "tokens":
         if "vocab_size" not in data:
@@ -426,16 +541,18 @@ def _load_data(p: _Problems, raw: dict) -> DataSpec:
             kind="tokens",
             vocab_size=_int(p, ("data", "vocab_size"), data.get("vocab_size", 2), minimum=2, default=2),
             seq_len=_int(p, ("data", "seq_len"), data.get("seq_len", 1), minimum=1, default=1),
+            **batch,
         )
     shape = data.get("shape")
     if not isinstance(shape, list) or not shape:
-        p.add(("data", "shape"), f"must be a non-empty list of positive integers, got {shape!r}")
+        if not fields:
+            p.add(("data", "shape"), f"must be a non-empty list of positive integers, got {shape!r}")
         shape = [1]
     dims = tuple(_int(p, ("data", "shape", i), d, minimum=1, default=1) for i, d in enumerate(shape))
     return DataSpec(
         kind="tensor", shape=dims,
         num_classes=_int(p, ("data", "num_classes"), data["num_classes"], minimum=1, default=10)
-        if "num_classes" in data else None,
+        if "num_classes" in data else None, **batch,
     )
 
 
@@ -491,7 +608,8 @@ def _load_search(p: _Problems, raw: dict) -> SearchSpec:
         p.add(("search", "precision"), f"must be a list from fp32, fp16, bf16, got {precisions!r}")
         precisions = ["fp32"]
     precs = tuple(dict.fromkeys(
-        Precision(_choice(p, ("search", "precision", i), v, PRECISIONS, "fp32"))
+        Precision(_choice(p, ("search", "precision", i), PRECISION_ALIASES.get(str(v), v),
+                          PRECISIONS, "fp32"))
         for i, v in enumerate(precisions)
     ))
     segments = _int_list(p, ("search", "checkpoint_segments"), s.get("checkpoint_segments", [0]),
@@ -781,7 +899,8 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
         loss = "cross_entropy"
     elif loss not in BUILTIN_LOSSES:
         loss = _import_path(p, ("loss",), loss) or "cross_entropy"
-    if loss == "cross_entropy" and data.kind == "image" and data.num_classes is None and "data" in raw:
+    if (loss == "cross_entropy" and data.kind == "image" and data.num_classes is None
+            and "data" in raw and not data.batch):
         p.add(("data", "num_classes"), "missing (needed for loss: cross_entropy on images)")
     if "optimizer" in raw:
         opt_target, opt_kwargs, _ = _callable_section(p, ("optimizer",), raw["optimizer"])
@@ -789,8 +908,11 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
     else:
         optimizer = OptimizerSpec()
     step = raw.get("step")
-    if step is not None:
-        step = _import_path(p, ("step",), step) or None
+    if step is not None and step not in BUILTIN_STEPS:
+        if isinstance(step, str) and "." not in step:
+            step = _choice(p, ("step",), step, BUILTIN_STEPS, "autofit")
+        else:
+            step = _import_path(p, ("step",), step) or None
     search = _load_search(p, raw)
     if search.input_sizes and data.kind == "tensor":
         p.add(("search", "input_size"), "not supported for data.kind: tensor (no size axis)")

@@ -1,19 +1,21 @@
 """The one training step that predictions trace and trials run.
 
-``TrainingJob`` builds model, optimizer, loss and synthetic batches for one candidate on one
-device; ``run_step`` is forward, loss, backward, optimizer step, zero_grad. The predictor runs
+``TrainingJob`` builds model, optimizer(s), loss and synthetic batches for one candidate on one
+device; ``run_step`` runs one full step of the kind the spec is proven with (``autofit.loops``). The predictor runs
 it on fake tensors, the trial runner on real ones, so what is predicted is what is measured.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from autofit.batch import Batch, make_batch
 from autofit.build import (
     add_spec_dir_to_path,
     apply_checkpointing,
@@ -22,13 +24,24 @@ from autofit.build import (
     build_optimizer,
     import_object,
     make_input,
+    make_pair,
     make_target,
     model_output_tensor,
 )
 from autofit.candidate import Candidate
-from autofit.choices import Phase, Precision
+from autofit.choices import Precision, StepKind
 from autofit.errors import BuildError
 from autofit.memory import PhaseHooks
+from autofit.loops import (
+    LIGHTNING_BASES,
+    FabricShim,
+    lightning_optimizers,
+    run_custom,
+    run_default,
+    run_lightning,
+    run_lightning_manual,
+    step_kind,
+)
 from autofit.spec import ExperimentSpec
 
 AUTOCAST_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
@@ -47,25 +60,37 @@ class TraceGradScaler:
 
     def __init__(self, device: torch.device) -> None:
         self.scale_value = torch.full((), FP16_INIT_SCALE, dtype=torch.float32, device=device)
+        self._unscaled: set[int] = set()
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale_value.to(loss.dtype)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """In-place unscale of the gradients (before clipping), as GradScaler.unscale_."""
+        if id(optimizer) in self._unscaled:
+            return
+        self._unscaled.add(id(optimizer))
         found_inf = torch.zeros((), dtype=torch.float32, device=self.scale_value.device)
         inv_scale = self.scale_value.double().reciprocal().float()
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.unscale_(optimizer)
         optimizer.step()
 
     def update(self) -> None:
-        pass
+        self._unscaled.clear()
 
 
 class TrainingJob:
-    """Everything one candidate's training step needs, built on ``device``."""
+    """Everything one candidate's training step needs, built on ``device``.
+
+    ``run_step`` runs the step the spec is proven with (``autofit.loops``): autofit's own,
+    Hugging Face's, Lightning's or the user's; ``step_kind`` says which.
+    """
 
     def __init__(self, spec: ExperimentSpec, candidate: Candidate, device: torch.device, *,
                  fake: bool = False, hooks: PhaseHooks | None = None,
@@ -75,22 +100,46 @@ class TrainingJob:
         self.candidate = candidate
         self.device = device
         self.fake = fake
+        self.target_kind = target_kind or device.type
         self.hooks = hooks or PhaseHooks()
         add_spec_dir_to_path(spec)
         with torch.device(device):
             model = model_factory() if model_factory else build_model(spec, candidate.input_size)
         model.train()
         self.model = apply_checkpointing(model, candidate.checkpoint_segments, spec.model.blocks)
-        self.optimizer = build_optimizer(spec, self.model, target_kind or device.type)
+        self.step_kind = step_kind(spec, self.model)
+        if self.step_kind in (StepKind.LIGHTNING, StepKind.LIGHTNING_MANUAL):
+            if not fake:
+                self.model.to(device)  # a LightningModule's self.device follows .to()
+            self._check_lightning()
+            self.optimizers = lightning_optimizers(self.model)
+            self.model._fabric = FabricShim(self)
+            self.model._fabric_optimizers = list(self.optimizers)
+        else:
+            self.optimizers = [build_optimizer(spec, self.model, self.target_kind)]
+        self.optimizer = self.optimizers[0]
         self.loss_fn = build_loss(spec)
-        self.user_step = import_object(spec.step, "step") if spec.step else None
+        self.user_step = (import_object(spec.step, "step", where=spec.where(("step",)))
+                          if self.step_kind in (StepKind.CUSTOM, StepKind.CUSTOM_FORWARD) else None)
+        self.user_state: dict[str, Any] = {}
         self.autocast_dtype = AUTOCAST_DTYPES.get(candidate.precision)
         self.scaler: Any = None
         if candidate.precision == Precision.FP16:
             self.scaler = (TraceGradScaler(device) if fake else
                            torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE))
         self._target_shape: torch.Size | None = None
+        self._checked_kwargs = False
+        self._prefetched: Any = None
         self.steps_done = 0
+
+    def _check_lightning(self) -> None:
+        module = self.model
+        own = getattr(type(module), "training_step", None)
+        base = next((getattr(c, "training_step", None) for c in type(module).__mro__
+                     if (c.__module__, c.__name__) in LIGHTNING_BASES), None)
+        if own is None or own is base:
+            raise BuildError(f"{self.spec.where(('model',))}{type(module).__name__} does not "
+                             "define training_step (a LightningModule needs one to be trained)")
 
     def parameters_and_buffers(self) -> Iterator[torch.Tensor]:
         yield from self.model.parameters()
@@ -102,51 +151,84 @@ class TrainingJob:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def run_step(self) -> torch.Tensor:
-        """One full training step. Returns the (detached) loss."""
-        hooks = self.hooks
-        self.steps_done += 1
-        hooks.phase(Phase.DATA, self.steps_done)
-        if self.user_step is None:
-            x = make_input(self.spec, self.candidate, self.device)
-            # Targets come with the batch, as from a data loader; their shape follows the
-            # model's output, learned in the first step.
-            y = (make_target(self.spec, self._target_shape, self.device)
-                 if self._target_shape is not None and self.spec.loss != "model" else None)
-        hooks.phase(Phase.FORWARD)
-        with self.autocast():
-            if self.user_step is not None:
-                loss = self.user_step(self.model, self.candidate.batch_size,
-                                      self.candidate.input_size, self.device)
-                output = None
-            else:
-                output = self.model(x)
-                if self.spec.loss != "model" and y is None:
-                    self._target_shape = model_output_tensor(output).shape
-                    y = make_target(self.spec, self._target_shape, self.device)
-                loss = self.loss_fn(output, y)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise BuildError(f"the step's loss must be a one-element tensor, got {type(loss).__name__}")
-        hooks.forward_done()
-        hooks.phase(Phase.BACKWARD)
-        # `output` stays referenced through backward, as in the common training loop
-        # (`out = model(x); loss = crit(out, y); loss.backward()`): it changes the peak.
+    # ----------------------------------------------------------------- batches
+
+    def make_batch(self) -> Batch:
+        """The batch autofit's step hands to the model (``data.batch`` or the shorthand)."""
+        if self.spec.data.batch:
+            return make_batch(self.spec, self.candidate, self.device)
+        return Batch(make_input(self.spec, self.candidate, self.device), "tensor")
+
+    def derived_target(self, output: Any) -> torch.Tensor:
+        """Targets shaped after the model's output; from the second step on they come with
+        the batch (a data loader yields them together), so that is where they are made."""
+        if self._target_shape is None:
+            self._target_shape = model_output_tensor(output).shape
+        return make_target(self.spec, self._target_shape, self.device)
+
+    def _loader_batch(self) -> Any:
+        if self.spec.data.batch:
+            return make_batch(self.spec, self.candidate, self.device).value
+        return make_pair(self.spec, self.candidate, self.device)
+
+    def lightning_batch(self) -> Any:
+        """What a DataLoader yields to a LightningModule or a custom step: ``data.batch``, or
+        ``(x, y)`` for the shorthand (``x`` alone when there is no class count). Lightning
+        fetches one batch ahead; on CPU that batch is on the device too."""
+        if self.step_kind not in (StepKind.LIGHTNING, StepKind.LIGHTNING_MANUAL):
+            return self._loader_batch()
+        batch = self._prefetched if self._prefetched is not None else self._loader_batch()
+        self._prefetched = self._loader_batch() if self.target_kind == "cpu" else None
+        return batch
+
+    # ----------------------------------------------------------------- pieces of a step
+
+    def call_model(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs and not self._checked_kwargs:
+            self._checked_kwargs = True
+            check_model_kwargs(self.spec, self.model, kwargs)
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward(*args, **kwargs)
         else:
-            loss.backward()
-        hooks.backward_done(self.model)
-        hooks.phase(Phase.OPTIMIZER)
+            loss.backward(*args, **kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
-        hooks.optimizer_done(self.optimizer)
-        hooks.phase(Phase.ZERO_GRAD)
-        self.optimizer.zero_grad(set_to_none=True)
-        del output
-        return loss.detach()
+            optimizer.step()
+
+    def run_step(self) -> torch.Tensor:
+        """One full training step of the spec's step kind. Returns the (detached) loss."""
+        self.steps_done += 1
+        kind = self.step_kind
+        if kind == StepKind.LIGHTNING:
+            return run_lightning(self)
+        if kind == StepKind.LIGHTNING_MANUAL:
+            return run_lightning_manual(self)
+        if kind == StepKind.CUSTOM:
+            return run_custom(self)
+        return run_default(self, hold_output=kind != StepKind.HF_TRAINER)
 
     def optimizer_has_state(self) -> bool:
-        return bool(self.optimizer.state) or not any(True for _ in self.model.parameters())
+        return any(bool(o.state) for o in self.optimizers) or not any(
+            True for _ in self.model.parameters())
+
+
+def check_model_kwargs(spec: ExperimentSpec, model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """A dict batch's field the model's forward does not take is a spec error, said once."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [name for name in kwargs if name not in params]
+    if unknown:
+        takes = ", ".join(n for n, p in params.items() if p.kind != inspect.Parameter.VAR_POSITIONAL)
+        raise BuildError(f"{spec.where(('data', 'batch', unknown[0]))}{type(model).__name__}.forward() "
+                         f"takes no argument {unknown[0]!r} (it takes: {takes})")

@@ -49,7 +49,8 @@ def breakdown_table(memory: MemoryBreakdown, title: str, limit_bytes: int | None
 
 
 def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEstimate | None,
-                   budget_bytes: int, limit_bytes: int, per_layer: bool) -> None:
+                   budget_bytes: int, limit_bytes: int, per_layer: bool,
+                   notes: list[str] | None = None) -> None:
     c = est.candidate
     console.print(f"[bold]estimate[/bold] {c.label()} on {est.device_kind} "
                   f"({est.param_count:,} parameters, traced in {est.trace_time_s:.2f} s)")
@@ -79,6 +80,8 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
             f"[bold]predicted max batch {max_batch.batch_size}[/bold] under "
             f"{format_bytes(limit_bytes)} = budget {format_bytes(budget_bytes)} x (1 - margin)"
         )
+    for note in notes or []:
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 def trial_line(record: TrialRecord) -> str:
@@ -148,6 +151,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
         console.print(f"[bold green]best[/bold green] {best.candidate.label()} ({verified} over "
                       f"{result.best.steps} steps): peak {format_bytes(best.peak_bytes or 0)}, "
                       f"{best.samples_per_s or 0:,.1f} samples/s")
+        console.print(f"step proven: {result.step_kind.describe()}")
         if best.memory is not None:
             console.print(breakdown_table(best.memory, "memory of the winner (measured)", result.limit_bytes))
     for note in result.notes:

@@ -90,6 +90,7 @@ def tuned_section(results: dict[str, Any], plan: BatchPlan) -> dict[str, Any]:
         "input_size": tuned.input_size,
         "verified": tuned.verified,
         "spec_hash": str(results.get("spec_hash", "unknown")),
+        "step": str((results.get("step") or {}).get("kind", "autofit")),
     }
 
 
@@ -129,6 +130,9 @@ class TunedConfig:
     spec_hash: str
     """Hash of the tuned spec (also ``AUTOFIT_SPEC_HASH`` in the scripts)."""
     spec: dict[str, Any] = field(hash=False)
+    step: str = "autofit"
+    """The training step the batch was proven with (autofit, hf, hf_trainer, lightning,
+    lightning_manual, custom, custom_forward); files written before it existed say autofit."""
     """The pinned spec (tuned.yaml without ``autofit_tuned``): ``spec_from_dict(spec)``."""
 
     @property
@@ -147,7 +151,7 @@ class TunedConfig:
         """Validate an ``autofit_tuned`` mapping; ``ExportError`` with one line per problem."""
         problems = []
         values: dict[str, Any] = {}
-        for name in (f.name for f in fields(cls) if f.name != "spec"):
+        for name in (f.name for f in fields(cls) if f.name not in ("spec", "step")):
             where = f"{source}: {AUTOFIT_TUNED_KEY}.{name}"
             if name not in section:
                 problems.append(f"{where}: missing")
@@ -161,7 +165,7 @@ class TunedConfig:
             problems = _consistency_problems(values, f"{source}: {AUTOFIT_TUNED_KEY}")
         if problems:
             raise ExportError(*problems)
-        return cls(**values, spec=spec)
+        return cls(**values, spec=spec, step=str(section.get("step", "autofit")))
 
 
 _COUNTS = {"max_batch_size": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autofit.candidate import Setting
-from autofit.choices import LimitKind, Phase, Purpose, Strategy
+from autofit.choices import LimitKind, Phase, Purpose, StepKind, Strategy
 from autofit.export.results_io import SCHEMA_VERSION
 from autofit.spec import ExperimentSpec
 from autofit.trials.result import TrialResult
@@ -117,6 +117,16 @@ class TuneResult:
     """What became of peak_vs_batch.png ("wrote ..." or why it was skipped)."""
 
     @property
+    def step_kind(self) -> StepKind:
+        """The step the spec is proven with, as the trials ran it (the spec's, before any)."""
+        ran = next((t.result.step_kind for t in self.trials if t.result.step_kind), "")
+        if ran:
+            return StepKind(ran)
+        from autofit.loops import step_kind  # imports torch: only when no trial ran
+
+        return step_kind(self.spec)
+
+    @property
     def real_trials(self) -> int:
         return sum(1 for t in self.trials if not t.resumed)
 
@@ -167,6 +177,7 @@ class TuneResult:
                 "units_name": r.units_name,
                 "verified": self.best.purpose == Purpose.VERIFY and r.fits,
                 "trial": self.best.number,
+                "step_kind": r.step_kind or self.step_kind.value,
             }
         return {
             "schema_version": SCHEMA_VERSION,
@@ -180,6 +191,7 @@ class TuneResult:
             "budget_text": self.spec.memory.budget_text,
             "margin": self.spec.memory.margin,
             "limit_bytes": self.limit_bytes,
+            "step": {"kind": self.step_kind.value, "description": self.step_kind.describe()},
             "objective": self.spec.search.objective.value,
             "strategy": Strategy(self.strategy).value,
             "best": best,

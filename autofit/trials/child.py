@@ -82,6 +82,7 @@ class _TrialRun:
         for tensor in self.job.parameters_and_buffers():
             self.tracker.track(tensor, "params")
         result["build_s"] = time.perf_counter() - build_start
+        result["step_kind"] = self.job.step_kind.value
 
     def _step(self, times: list[float]) -> None:
         import torch

@@ -48,6 +48,8 @@ class TrialResult:
     device: dict[str, Any] = field(default_factory=dict)
     warning: str = ""
     loss: float | None = None
+    step_kind: str = ""
+    """The training step the trial ran (``StepKind`` value; "" when the trial never built)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class TrialResult:
             "device": self.device,
             "warning": self.warning,
             "loss": self.loss,
+            "step_kind": self.step_kind,
         }
 
     @classmethod
@@ -112,4 +115,5 @@ class TrialResult:
             device=data.get("device", {}),
             warning=data.get("warning", ""),
             loss=data.get("loss"),
+            step_kind=data.get("step_kind", ""),
         )
