@@ -26,6 +26,7 @@ from autofit.cli.common import (
     out,
 )
 from autofit.cli.profile import profile
+from autofit.cli.workers import results, worker
 from autofit.errors import AutofitError, TuneFailed, TuneInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -84,7 +85,7 @@ def estimate(
 
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
-                   per_layer)
+                   per_layer, plan.notes)
 
 
 @app.command()
@@ -130,8 +131,16 @@ def tune(
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output dir")] = False,
     storage: Annotated[str | None, typer.Option("--storage", help="optuna RDB URL instead of the journal file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results.json to stdout")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="N worker processes on one study (see autofit worker)")] = None,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="one worker per GPU: 0,1,2,3")] = None,
 ) -> None:
     """Search the largest configuration that fits; write results.json, tuned.yaml and scripts."""
+    if workers is not None or gpus is not None:
+        from autofit.cli.workers import tune_workers
+
+        tune_workers(spec_path, workers=workers, gpus=gpus, storage=storage, out_dir=out_dir,
+                     force=force, as_json=as_json)
+        return
     from autofit.api import tune as api_tune
     from autofit.cli.report import TuneProgress, print_tune_summary
 
@@ -183,6 +192,8 @@ def export(
 
 
 app.command()(profile)
+app.command()(worker)
+app.command()(results)
 
 
 def main() -> None:

@@ -4,6 +4,11 @@ A fit moves up (one step, or further by a secant step calibrated on the measured
 OOM moves down (by the measured miss), always strictly inside the open interval between the
 best fit and the first failure; the batch is pinned when it fits and the next step up ran
 and did not fit (or is the spec's max).
+
+An OOM that a limit other than the planned one produced (``limit_kind`` rlimit: the real
+allocator; cuda-device: the whole card) far below the limit is evidence that the device holds
+less than the budget: the measured OOM point becomes the capacity planned against, and the
+next trial jumps to the largest batch predicted to fit under it instead of stepping down.
 """
 
 from __future__ import annotations
@@ -11,9 +16,19 @@ from __future__ import annotations
 import math
 
 from autofit.candidate import Candidate, Setting
+from autofit.choices import LimitKind
 from autofit.predict.batch_curve import MaxBatchEstimate
 from autofit.spec import ExperimentSpec
 from autofit.trials.result import TrialResult
+from autofit.units import format_bytes
+
+DEVICE_LIMITS = (LimitKind.RLIMIT, LimitKind.CUDA_DEVICE)
+"""Limits that are the machine's own: an OOM from one far below the planned limit measures
+the real capacity. (The CPU budget and the CUDA fraction cap are the planned limit itself.)"""
+
+FAR_BELOW = 0.9
+"""An OOM whose measured peak is under this share of the limit and of its predicted peak
+says the device is smaller than planned."""
 
 
 class BatchPinner:
@@ -31,6 +46,12 @@ class BatchPinner:
         self.best_fit_peak: int | None = None
         self.measured: dict[int, int] = {}
         self.first_fail: int | None = None
+        self.capacity: int | None = None
+        """The measured OOM point planned against after a device limit fired far below the
+        limit (a lower bound of what the device holds: the failing allocation is not in it)."""
+        self._gallop = 0
+        self.capacity_note: str | None = None
+        """Set when an OOM showed the device holds less than the limit (the jump it caused)."""
         start = prediction.batch_size if prediction and prediction.batch_size else self.lo
         self.next: int | None = self._clamp(start)
 
@@ -62,10 +83,40 @@ class BatchPinner:
             self.first_fail = batch
         self.next = None if self.pinned else self._propose(batch, result)
 
+    def _measured_capacity(self, batch: int, result: TrialResult) -> int | None:
+        """The live bytes at which a device limit fired, when that is far below both the
+        planned limit and the batch's predicted peak (else None)."""
+        held = result.peak_bytes
+        predicted = self.predicted_peak(batch)
+        if (result.fits or result.status.value != "oom" or not held or predicted is None
+                or LimitKind(result.limit_kind) not in DEVICE_LIMITS):
+            return None
+        if held >= FAR_BELOW * self.limit or held >= FAR_BELOW * predicted:
+            return None
+        return held
+
+    def _batch_under(self, capacity: int) -> int:
+        """The largest batch predicted to peak under ``capacity``: interpolated between the
+        traced batches around it (the peak is convex piecewise affine, so the chord errs
+        low: the jump lands on a fit), else the fitted line."""
+        assert self.prediction is not None
+        points = sorted((b, e.peak_bytes) for b, e in self.prediction.estimates.items())
+        below = [(b, p) for b, p in points if p <= capacity]
+        above = [(b, p) for b, p in points if p > capacity]
+        if not below:
+            return self.lo
+        if not above:
+            return self.prediction.curve.max_batch(capacity)
+        (b1, p1), (b2, p2) = below[-1], above[0]
+        if b2 <= b1 or p2 <= p1:
+            return b1
+        return b1 + math.floor((capacity - p1) * (b2 - b1) / (p2 - p1))
+
     def _propose(self, batch: int, result: TrialResult) -> int:
         lo_ok = self.best_fit
         hi_bad = self.first_fail
         guess: int | None = None
+        jumped = ""
         curve = self.prediction.curve if self.prediction else None
         if result.fits and result.peak_bytes:
             self.measured[batch] = result.peak_bytes
@@ -83,9 +134,26 @@ class BatchPinner:
         if curve is None:
             # no prediction: gallop up until something fails, then bisect
             candidate = max(batch + self.mult, batch * 2) if hi_bad is None else (low + high) // 2
+        elif result.fits and self.capacity is not None and result.peak_bytes \
+                and result.peak_bytes >= self.capacity:
+            # past the measured OOM point, which only bounds the capacity from below: gallop
+            # up (1, 2, 4, ... steps) until a trial fails, then bisect
+            self._gallop = max(self.mult, 2 * self._gallop)
+            candidate = batch + self._gallop
         elif result.fits:
             step_up = batch + self.mult
             candidate = max(step_up, self._clamp(guess) if guess is not None else step_up)
+        elif (capacity := self._measured_capacity(batch, result)) is not None:
+            # plan against what the device held; every later secant step aims at it too
+            self.limit = self.capacity = capacity
+            guess = max(self.lo, _align(self._batch_under(capacity), self.mult))
+            jumped = (f"batch {batch} ran out of memory ({LimitKind(result.limit_kind).value}) "
+                      f"at {format_bytes(capacity)}, far below its predicted peak "
+                      f"{format_bytes(self.predicted_peak(batch) or 0)} and the limit: the device "
+                      f"holds less than the budget; jumping to batch")
+            candidate = min(batch - self.mult, guess)
+            if lo_ok is None and candidate <= self.lo:
+                candidate = self.lo
         else:
             if curve is not None and self.predicted_peak(batch):
                 # the prediction undershot: shrink by the miss, at least one step
@@ -100,4 +168,11 @@ class BatchPinner:
             candidate = (low + high) // 2 // self.mult * self.mult
             if candidate <= low:
                 candidate = low + self.mult
-        return self._clamp(candidate)
+        candidate = self._clamp(candidate)
+        if jumped:
+            self.capacity_note = f"{jumped} {candidate}, the largest predicted to fit under it"
+        return candidate
+
+
+def _align(batch: int, multiple: int) -> int:
+    return batch // multiple * multiple

@@ -106,6 +106,13 @@ class Search:
             self.study.tell(asked, state=optuna.trial.TrialState.PRUNED)
 
 
+def _say_capacity(search: Search, pinner: BatchPinner) -> None:
+    """Report (once) an OOM that showed the device holds less than the limit."""
+    if pinner.capacity_note:
+        search.say(pinner.capacity_note, note=True)
+        pinner.capacity_note = None
+
+
 def pin_setting(search: Search, setting: Setting, asked: Any = None,
                 purpose: Purpose = Purpose.PREDICTED) -> TrialRecord | None:
     """Run trials for one setting until its largest fitting batch is pinned."""
@@ -118,6 +125,7 @@ def pin_setting(search: Search, setting: Setting, asked: Any = None,
                             asked=asked)
         asked, purpose = None, Purpose.REFINE
         pinner.observe(batch, record.result)
+        _say_capacity(search, pinner)
         if record.result.fits and (best is None or batch > best.result.candidate.batch_size):
             best = record
     search.release(asked)
@@ -212,6 +220,7 @@ def _time_setting(search: Search, setting: Setting, asked: Any) -> TrialRecord |
                                    pinner.predicted_peak(batch), asked=asked)
         asked, purpose = None, Purpose.REFINE
         pinner.observe(batch, record.result)
+        _say_capacity(search, pinner)
         if record.result.fits:
             search.summaries[setting].measured_batch_size = batch
             return record

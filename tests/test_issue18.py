@@ -1,0 +1,97 @@
+"""What a new user hits (issue 18): one test per item, each failing before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from landscape import Landscape, make_raw, make_spec
+
+import autofit
+from autofit.candidate import Candidate
+from autofit.choices import LimitKind
+from autofit.memory import MemoryBreakdown
+from autofit.search.tuner import run_search
+from autofit.spec import ExperimentSpec, spec_from_dict
+from autofit.trials import TrialResult, TrialStatus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SmallDevice(Landscape):
+    """A machine that holds ``capacity`` bytes, less than the planned limit: the real
+    allocator fails there (``limit_kind`` rlimit), reporting the live bytes it held."""
+
+    def __init__(self, capacity: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capacity = capacity
+
+    def __call__(self, spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int,
+                 steps: int, device: str) -> TrialResult:
+        peak = self.peak(spec, candidate)
+        if peak <= self.capacity:
+            return super().__call__(spec, candidate, limit_bytes=limit_bytes, steps=steps,
+                                    device=device)
+        self.calls.append((candidate.batch_size, candidate.input_size, candidate.precision,
+                           candidate.checkpoint_segments, steps))
+        return TrialResult(candidate=candidate, status=TrialStatus.OOM,
+                           message="out of memory in forward: DefaultCPUAllocator: can't "
+                                   "allocate memory",
+                           memory=MemoryBreakdown(peak_bytes=self.capacity - 4096),
+                           limit_bytes=limit_bytes, limit_kind=LimitKind.RLIMIT, steps_run=1)
+
+
+# 1 ----------------------------------------------------------------------------------------
+
+def test_budget_larger_than_the_device_is_warned_at_plan_time():
+    from autofit.search.plan import plan_limits
+
+    spec = spec_from_dict(make_raw() | {"memory": {"budget": "64TiB", "margin": 0.1}})
+    plan = plan_limits(spec)
+    assert any("larger than this CPU" in note for note in plan.notes), plan.notes
+    small = plan_limits(make_spec())
+    assert small.notes == []
+
+
+def test_estimate_prints_the_budget_warning(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    import yaml
+
+    from autofit.cli.app import app
+
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(make_raw(batch_size={"min": 1, "max": 64})
+                                   | {"memory": {"budget": "64TiB", "margin": 0.1}}))
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["estimate", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "larger than this CPU" in " ".join(res.output.split())
+
+
+def test_oom_far_below_the_prediction_jumps_to_the_measured_capacity():
+    """Before: each OOM stepped down ~3% (ratio of the limit to a peak under it is 1), so a
+    device holding a third of the budget took dozens of OOM trials."""
+    spec = make_spec(batch_size={"min": 1, "max": 100000})
+    probe = Landscape()
+    limit = int(spec.memory.budget_bytes * (1 - spec.memory.margin))
+    # the device holds what batch 40 needs, far below what the planned limit allows
+    capacity = probe.peak(spec, Candidate(batch_size=40, input_size=0)) + 100
+    assert capacity < 0.5 * limit
+    land = SmallDevice(capacity)
+    result = run_search(spec, runner=land)
+    best = result.best.result.candidate.batch_size
+    assert land.peak(spec, Candidate(batch_size=best, input_size=0)) <= capacity
+    assert land.peak(spec, Candidate(batch_size=best + 1, input_size=0)) > capacity
+    search = [c for c in land.calls if c[4] != spec.search.verify_steps]
+    assert len(search) <= 12, search  # 125 before: 3% down per OOM from 2280
+    assert any("far below its predicted peak" in note for note in result.notes), result.notes
+
+
+def test_oom_of_the_planned_budget_still_steps_down_by_the_miss():
+    """An OOM of the planned limit (cpu-budget) near the limit is no evidence of a smaller
+    device: the pinner does not jump (the prediction was just a little low)."""
+    land = Landscape(factor=1.05)
+    result = run_search(make_spec(batch_size={"min": 1, "max": 100000}), runner=land)
+    assert not any("far below" in note for note in result.notes)
+    assert result.best is not None
