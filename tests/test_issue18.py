@@ -95,3 +95,40 @@ def test_oom_of_the_planned_budget_still_steps_down_by_the_miss():
     result = run_search(make_spec(batch_size={"min": 1, "max": 100000}), runner=land)
     assert not any("far below" in note for note in result.notes)
     assert result.best is not None
+
+
+# 2 ----------------------------------------------------------------------------------------
+
+def _gpt_input_raw(sizes: list[int]) -> dict[str, Any]:
+    raw = make_raw(objective="max_input_size", input_size=sizes,
+                   batch_size={"min": 8, "max": 64})
+    raw["model"] = {"_target_": "autofit.zoo.gpt", "vocab_size": 64, "block_size": 128,
+                    "n_layer": 2, "n_head": 2, "n_embd": 32}
+    raw["data"] = {"kind": "tokens", "vocab_size": 64, "seq_len": 16}
+    return raw
+
+
+def test_max_input_size_starts_at_the_largest_size_predicted_to_fit():
+    raw = _gpt_input_raw([16, 32, 64, 128])
+    land = Landscape()
+    spec = spec_from_dict(raw)
+    c32 = land.peak(spec, Candidate(batch_size=8, input_size=32))
+    c64 = land.peak(spec, Candidate(batch_size=8, input_size=64))
+    raw["memory"] = {"budget": int((c32 + c64) / 2 / 0.9), "margin": 0.1}
+    result = run_search(spec_from_dict(raw), runner=land)
+    assert result.best.result.candidate.input_size == 32
+    assert land.calls[0][1] == 32, land.calls  # 128 and 64 predicted not to fit: never run
+    assert all(call[1] <= 32 for call in land.calls)
+    assert not any("room to spare" in note for note in result.notes)
+
+
+def test_largest_listed_size_with_room_to_spare_is_reported():
+    raw = _gpt_input_raw([16, 32])
+    land = Landscape()
+    spec = spec_from_dict(raw)
+    c32 = land.peak(spec, Candidate(batch_size=8, input_size=32))
+    raw["memory"] = {"budget": int(2 * c32 / 0.9), "margin": 0.1}  # 32 uses ~50% of the limit
+    result = run_search(spec_from_dict(raw), runner=land)
+    assert result.best.result.candidate.input_size == 32
+    notes = [n for n in result.notes if "largest listed size fits with room to spare" in n]
+    assert notes and "50% of the limit" in notes[0], result.notes

@@ -186,11 +186,32 @@ def search_max_input(search: Search, settings: list[Setting]) -> TrialRecord | N
                                        pinner.predicted_peak(bmin))
             if record.result.fits:
                 search.summaries[setting].measured_batch_size = bmin
+                if size == max(spec.input_sizes):
+                    _say_list_capped(search, size, bmin, record)
                 return record
             search.say(f"input size {size} does not fit at batch {bmin} with {setting.describe()}")
             if p[setting].batch_size < bmin:
                 break
     return None
+
+
+ROOM_TO_SPARE = 0.9
+"""A winning peak under this share of the limit leaves room for a larger input size."""
+
+
+def _say_list_capped(search: Search, size: int, batch: int, record: TrialRecord) -> None:
+    """The largest listed size won: the list, not the memory, set the answer."""
+    peak, limit = record.result.peak_bytes, search.plan.limit_bytes
+    if not peak or not limit:
+        return
+    share = peak / limit
+    if share < ROOM_TO_SPARE:
+        search.say(f"the largest listed size fits with room to spare: input size {size} at batch "
+                   f"{batch} used {share:.0%} of the limit; list larger sizes in "
+                   f"search.input_size to find the real maximum", note=True)
+    else:
+        search.say(f"the largest listed size {size} fits, using {share:.0%} of the limit at "
+                   f"batch {batch}; larger sizes were not listed", note=True)
 
 
 def _throughput_candidates(search: Search, settings: list[Setting]) -> list[Setting]:
