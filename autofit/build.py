@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,47 +157,85 @@ class CheckpointedSequential(nn.Module):
         )
 
 
-def find_blocks(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
-    """The ModuleList to checkpoint: the spec's ``model.blocks`` or the longest ModuleList."""
+BLOCK_CONTAINERS = (nn.ModuleList, nn.Sequential)
+"""What ``model.blocks`` may name: the blocks run one after another from this container."""
+
+
+def _resolve_stage(model: nn.Module, path: str) -> nn.Module:
+    obj: Any = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise BuildError(f"model.blocks: {type(model).__name__} has no attribute path {path!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, BLOCK_CONTAINERS):
+        raise BuildError(f"model.blocks: {path!r} is a {type(obj).__name__}, not an "
+                         f"nn.ModuleList or nn.Sequential of blocks")
+    if not len(obj):
+        raise BuildError(f"model.blocks: {path!r} is empty")
+    return obj
+
+
+def _stage_hint(model: nn.Module) -> str:
+    """"; e.g. model.blocks: [layer1, layer2]" from the model's Sequential children."""
+    names = [name for name, m in model.named_children()
+             if isinstance(m, BLOCK_CONTAINERS) and len(m) > 1]
+    return f", e.g. model.blocks: [{', '.join(names)}]" if names else ""
+
+
+def find_blocks(model: nn.Module, path: str | Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """The stages to checkpoint, in order: each (attribute path, ModuleList or Sequential).
+
+    ``path``: the spec's ``model.blocks`` (one path or several named stages, e.g. a ResNet's
+    ``[layer1, layer2, layer3, layer4]``); None = the longest ModuleList.
+    """
     if path:
-        obj: Any = model
-        for part in path.split("."):
-            if not hasattr(obj, part):
-                raise BuildError(f"model.blocks: {type(model).__name__} has no attribute path {path!r}")
-            obj = getattr(obj, part)
-        if not isinstance(obj, nn.ModuleList):
-            raise BuildError(f"model.blocks: {path!r} is a {type(obj).__name__}, not an nn.ModuleList")
-        return path, obj
+        paths = [path] if isinstance(path, str) else list(path)
+        return [(p, _resolve_stage(model, p)) for p in paths]
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         raise BuildError(
             f"checkpoint_segments > 0 needs an nn.Sequential model or an nn.ModuleList of blocks; "
-            f"{type(model).__name__} has none (set model.blocks)"
+            f"{type(model).__name__} has none (set model.blocks{_stage_hint(model)})"
         )
-    return max(lists, key=lambda item: len(item[1]))
+    return [max(lists, key=lambda item: len(item[1]))]
 
 
-def apply_checkpointing(model: nn.Module, segments: int, blocks_path: str | None) -> nn.Module:
-    """Wrap the model so its blocks run as ``segments`` checkpointed segments (0 = no-op)."""
+def apply_checkpointing(model: nn.Module, segments: int,
+                        blocks_path: str | Sequence[str] | None) -> nn.Module:
+    """Wrap the model so its blocks run as ``segments`` checkpointed segments (0 = no-op).
+
+    The blocks of every named stage, in order, are split into ``segments`` contiguous runs of
+    ceil(n / K) blocks (``checkpoint_sequential``'s split); a run that crosses from one stage
+    into the next is checkpointed as one unit per stage, since the model's own forward calls
+    each stage. Each stage keeps its container type (ModuleList or Sequential).
+    """
     if segments <= 0:
         return model
     if isinstance(model, nn.Sequential) and not blocks_path:
         if segments > len(model):
             raise BuildError(f"checkpoint_segments={segments} exceeds the {len(model)} layers of the model")
         return CheckpointedSequential(model, segments)
-    name, blocks = find_blocks(model, blocks_path)
+    stages = find_blocks(model, blocks_path)
+    blocks = [(i, block) for i, (_, stage) in enumerate(stages) for block in stage]
     if segments > len(blocks):
+        where = stages[0][0] if len(stages) == 1 else ", ".join(name for name, _ in stages)
         raise BuildError(
-            f"checkpoint_segments={segments} exceeds the {len(blocks)} blocks in {name!r}"
+            f"checkpoint_segments={segments} exceeds the {len(blocks)} blocks in {where!r}"
         )
     per = math.ceil(len(blocks) / segments)
-    # Same split as checkpoint_sequential: contiguous runs of ceil(n / K) blocks.
-    grouped = [CheckpointedSegment(list(blocks)[i:i + per]) for i in range(0, len(blocks), per)]
-    parent: Any = model
-    parts = name.split(".")
-    for part in parts[:-1]:
-        parent = getattr(parent, part)
-    setattr(parent, parts[-1], nn.ModuleList(grouped))
+    units: list[list[CheckpointedSegment]] = [[] for _ in stages]
+    for start in range(0, len(blocks), per):
+        run = blocks[start:start + per]
+        for i in dict.fromkeys(stage for stage, _ in run):
+            units[i].append(CheckpointedSegment([b for stage, b in run if stage == i]))
+    for (name, stage), grouped in zip(stages, units, strict=True):
+        parent: Any = model
+        parts = name.split(".")
+        for part in parts[:-1]:
+            parent = getattr(parent, part)
+        container = nn.Sequential if isinstance(stage, nn.Sequential) else nn.ModuleList
+        setattr(parent, parts[-1], container(*grouped) if container is nn.Sequential
+                else nn.ModuleList(grouped))
     return model
 
 

@@ -57,8 +57,9 @@ class ModelSpec:
     """Import path of a class or function returning an ``nn.Module`` (``pkg.mod.Name``)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments; the string ``"${input_size}"`` is replaced by the trial's input size."""
-    blocks: str | None = None
-    """Attribute path of the ``nn.ModuleList`` split into checkpoint segments; None = auto."""
+    blocks: str | tuple[str, ...] | None = None
+    """Attribute path of the ``nn.ModuleList`` / ``nn.Sequential`` of blocks split into
+    checkpoint segments, or several named stages in order (``[layer1, layer2]``); None = auto."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -861,6 +862,26 @@ TOP_LEVEL_KEYS = ("name", "model", "data", "loss", "optimizer", "device", "memor
 (``autofit.load_tuned``); a spec that has it is still a spec, and the key is not validated here."""
 
 
+def _blocks(p: _Problems, value: Any) -> str | tuple[str, ...] | None:
+    """``model.blocks``: one attribute path, or a list of them (named stages, in order)."""
+    if value is None:
+        return None
+
+    def is_path(v: Any) -> bool:
+        return isinstance(v, str) and all(part.isidentifier() for part in v.split("."))
+
+    if is_path(value):
+        return value
+    if isinstance(value, list) and value and all(is_path(v) for v in value):
+        if len(set(value)) != len(value):
+            p.add(("model", "blocks"), f"names a stage twice: {value!r}")
+            return None
+        return value[0] if len(value) == 1 else tuple(value)
+    p.add(("model", "blocks"), f"must be an attribute path like 'transformer.h' or a list of "
+          f"them like [layer1, layer2], got {value!r}")
+    return None
+
+
 def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, *,
                    check_imports: bool = False) -> ExperimentSpec:
     """Validate a loaded YAML mapping. Raises SpecError listing every problem.
@@ -882,11 +903,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
         model = ModelSpec(target="")
     else:
         target, kwargs, own = _callable_section(p, ("model",), raw["model"], extra=("blocks",))
-        blocks = own.get("blocks")
-        if blocks is not None and (not isinstance(blocks, str) or not all(
-                part.isidentifier() for part in blocks.split("."))):
-            p.add(("model", "blocks"), f"must be an attribute path like 'transformer.h', got {blocks!r}")
-            blocks = None
+        blocks = _blocks(p, own.get("blocks"))
         model = ModelSpec(target=target, kwargs=kwargs, blocks=blocks)
         lightning = isinstance(raw["model"], dict) and "class_path" in raw["model"]
         _nested_targets(p, ("model", "init_args") if lightning else ("model",), kwargs)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from landscape import Landscape, make_raw, make_spec
 
 import autofit
@@ -132,3 +133,76 @@ def test_largest_listed_size_with_room_to_spare_is_reported():
     assert result.best.result.candidate.input_size == 32
     notes = [n for n in result.notes if "largest listed size fits with room to spare" in n]
     assert notes and "50% of the limit" in notes[0], result.notes
+
+
+# 3 ----------------------------------------------------------------------------------------
+
+class StagedNet(torch.nn.Module):
+    """Stages as ``nn.Sequential`` (timm / torchvision ResNet style), no ModuleList."""
+
+    def __init__(self, width: int = 64, per_stage: int = 3) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        def stage() -> nn.Sequential:
+            return nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.GELU())
+                                   for _ in range(per_stage)))
+
+        self.stem = nn.Linear(32, width)
+        self.layer1, self.layer2, self.layer3 = stage(), stage(), stage()
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.head(x)
+
+
+def _staged_raw(blocks: Any) -> dict[str, Any]:
+    raw = make_raw()
+    raw["model"] = {"_target_": "test_issue18.StagedNet"}
+    if blocks is not None:
+        raw["model"]["blocks"] = blocks
+    raw["data"] = {"kind": "tensor", "shape": [32], "num_classes": 10}
+    raw["memory"] = {"budget": "64MiB", "margin": 0.1}
+    return raw
+
+
+def test_checkpointing_accepts_sequential_stages():
+    from autofit.build import CheckpointedSegment
+    from autofit.step import TrainingJob
+
+    spec = spec_from_dict(_staged_raw(["layer1", "layer2", "layer3"]))
+    assert spec.model.blocks == ("layer1", "layer2", "layer3")
+    job = TrainingJob(spec, Candidate(batch_size=2, input_size=0, checkpoint_segments=2),
+                      torch.device("cpu"))
+    # 9 blocks in 2 runs of 5: layer1 + 2 of layer2, then 1 of layer2 + layer3
+    assert [len(u.blocks) for u in job.model.layer1] == [3]
+    assert [len(u.blocks) for u in job.model.layer2] == [2, 1]
+    assert [len(u.blocks) for u in job.model.layer3] == [3]
+    assert all(isinstance(u, CheckpointedSegment) for u in job.model.layer2)
+    assert isinstance(job.model.layer2, torch.nn.Sequential)
+    loss = job.run_step()
+    assert torch.isfinite(loss)
+    plain = autofit.estimate(_staged_raw(["layer1", "layer2", "layer3"]), batch_size=256,
+                             max_batch=False)
+    ckpt = autofit.estimate(_staged_raw(["layer1", "layer2", "layer3"]), batch_size=256,
+                            segments=3, max_batch=False)
+    assert ckpt.estimate.peak_bytes < 0.8 * plain.estimate.peak_bytes
+    one = autofit.estimate(_staged_raw("layer2"), batch_size=256, segments=3, max_batch=False)
+    assert one.estimate.peak_bytes < plain.estimate.peak_bytes
+
+
+def test_blocks_errors_name_the_stage():
+    from autofit.errors import BuildError, SpecError
+
+    with pytest.raises(SpecError, match=r"model\.blocks: must be an attribute path .* or a list"):
+        spec_from_dict(_staged_raw([1, 2]))
+    with pytest.raises(SpecError, match="names a stage twice"):
+        spec_from_dict(_staged_raw(["layer1", "layer1"]))
+    with pytest.raises(BuildError, match="'head' is a Linear, not an nn.ModuleList or nn.Sequential"):
+        autofit.estimate(_staged_raw(["layer1", "head"]), segments=2, max_batch=False)
+    with pytest.raises(BuildError, match=r"exceeds the 6 blocks in 'layer1, layer2'"):
+        autofit.estimate(_staged_raw(["layer1", "layer2"]), segments=7, max_batch=False)
+    with pytest.raises(BuildError, match=r"e\.g\. model\.blocks: \[layer1, layer2, layer3\]"):
+        autofit.estimate(_staged_raw(None), segments=2, max_batch=False)
