@@ -21,6 +21,8 @@ from autofit.export import load_results, write_exports, write_results
 from autofit.export.tuned import TunedConfig, load_tuned
 from autofit.files import locked_output_dir
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.predict.cache import cache_for
+from autofit.predict.cache import using as using_cache
 from autofit.predict.trace import MemoryEstimate
 from autofit.search.events import EventHandler
 from autofit.search.plan import Plan, plan_limits
@@ -88,6 +90,8 @@ class EstimateResult:
     plan: Plan
     margin: float
     """memory.margin: the limit is budget x (1 - margin)."""
+    cache: dict[str, Any] | None = None
+    """The trace cache used: dir, hits, new traces (None: cache off)."""
 
     def to_dict(self) -> dict[str, Any]:
         est, mb = self.estimate, self.max_batch
@@ -99,6 +103,7 @@ class EstimateResult:
             budget_bytes=self.plan.budget_bytes, margin=self.margin,
             limit_bytes=self.plan.limit_bytes,
             layers=[vars(r) for r in est.layers] if est.layers else None,
+            trace_cache=self.cache,
         )
         return data
 
@@ -106,7 +111,7 @@ class EstimateResult:
 def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
              precision: str | None = None, segments: int | None = None,
              device: str | None = None, per_layer: bool = False,
-             max_batch: bool = True) -> EstimateResult:
+             max_batch: bool = True, cache: bool | str | Path = True) -> EstimateResult:
     """Predict peak memory of one candidate on fake tensors (no real memory, no GPU).
 
     Args:
@@ -115,6 +120,8 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
         device: ``cpu`` or ``cuda``: the device model to apply (default: the spec's device).
         per_layer: also attribute the forward's memory to each module.
         max_batch: also predict the largest batch under ``budget x (1 - margin)``.
+        cache: the trace cache (``autofit.predict.cache``): True for ``$AUTOFIT_CACHE_DIR``
+            or ``<output.dir>/.trace_cache``, a directory, or False for none.
 
     Returns:
         ``EstimateResult`` with the breakdown and, when the budget is known, the max batch.
@@ -128,12 +135,15 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
     plan = plan_limits(spec, device, require_device=False)
     cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
                          precision=precision, segments=segments)
-    est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
-    mb = None
-    if max_batch and plan.limit_bytes:
-        mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
-                               plan.device_model, plan.limit_bytes, known=[est])
-    return EstimateResult(est, mb, plan, spec.memory.margin)
+    traces = cache_for(cache, tune_out_dir(spec, None))
+    with using_cache(traces):
+        est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
+        mb = None
+        if max_batch and plan.limit_bytes:
+            mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
+                                   plan.device_model, plan.limit_bytes, known=[est])
+    return EstimateResult(est, mb, plan, spec.memory.margin,
+                          traces.to_dict() if traces is not None else None)
 
 
 def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
@@ -166,7 +176,8 @@ def tune_out_dir(spec: ExperimentSpec, out_dir: str | Path | None) -> Path:
 def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = False,
          force: bool = False, storage: str | None = None, device: str | None = None,
          on_event: EventHandler | None = None,
-         runner: Callable[..., TrialResult] | None = None) -> TuneResult:
+         runner: Callable[..., TrialResult] | None = None,
+         cache: bool | str | Path = True) -> TuneResult:
     """Search the largest configuration that fits, proven by real trials; write the hand-over.
 
     Args:
@@ -178,6 +189,8 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
         storage: an optuna RDB URL instead of the journal file in ``out_dir``.
         device: override the spec's device. on_event: called with each ``TuneEvent``.
         runner: the trial function (default: a fresh process per trial).
+        cache: the trace cache: True for ``$AUTOFIT_CACHE_DIR`` or ``<out_dir>/.trace_cache``,
+            a directory, or False for none. Its hit count is the last of ``notes``.
 
     Returns:
         ``TuneResult``; ``.files`` lists what was written, ``.out_dir`` where.
@@ -192,10 +205,13 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
 
     spec = as_spec(spec)
     directory = tune_out_dir(spec, out_dir)
-    with locked_output_dir(directory, resume=resume, force=force) as path:
+    with locked_output_dir(directory, resume=resume, force=force) as path, \
+            using_cache(cache_for(cache, path)) as traces:
         try:
             result = run_search(spec, out_dir=path, resume=resume, storage=storage,
                                 device=device, on_event=on_event, runner=runner or run_trial)
+            if traces is not None:
+                result.notes.append(traces.summary())
         except TuneFailed as exc:
             if exc.partial is not None and exc.partial.trials:
                 data = exc.partial.to_dict()
@@ -268,13 +284,15 @@ class ProfileResult:
     """PNG name -> "wrote PATH" or why it was skipped."""
     batch_curve: Any = None
     """``autofit.plot.BatchCurvePlot`` behind peak_vs_batch.png (None without plots)."""
+    cache: dict[str, Any] | None = None
+    """The trace cache used: dir, hits, new traces (None: cache off)."""
 
 
 def profile(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
             precision: str | None = None, segments: int | None = None,
             device: str | None = None, real: bool = False, what_if: bool = True,
             plot_dir: str | Path | None = None, plots: bool = True, top: int = 10,
-            results: str | Path | None = None) -> ProfileResult:
+            results: str | Path | None = None, cache: bool | str | Path = True) -> ProfileResult:
     """Follow memory through one training step and re-trace what each knob would save.
 
     Args:
@@ -283,6 +301,7 @@ def profile(spec: SpecLike, *, batch_size: int | None = None, input_size: int | 
         what_if: re-trace each knob. top: tensors alive at the peak to keep.
         plot_dir: where the PNGs go (default: ``<output.dir>/profile``). plots: write them.
         results: a tune results.json whose trials go on the batch plot.
+        cache: the trace cache for the what-if and batch-curve traces (as for ``estimate``).
 
     Returns:
         ``ProfileResult``.
@@ -290,13 +309,24 @@ def profile(spec: SpecLike, *, batch_size: int | None = None, input_size: int | 
     Raises:
         SpecError, BuildError; TrialError when ``real`` runs out of memory.
     """
+    spec = as_spec(spec)
+    if top < 0:
+        raise SpecError([f"--top: must be >= 0, got {top}"])
+    with using_cache(cache_for(cache, tune_out_dir(spec, None))) as traces:
+        result = _profile(spec, batch_size, input_size, precision, segments, device, real,
+                          what_if, plot_dir, plots, top, results)
+    result.cache = traces.to_dict() if traces is not None else None
+    return result
+
+
+def _profile(spec: ExperimentSpec, batch_size: int | None, input_size: int | None,
+             precision: str | None, segments: int | None, device: str | None, real: bool,
+             what_if: bool, plot_dir: str | Path | None, plots: bool, top: int,
+             results: str | Path | None) -> ProfileResult:
     from autofit.predict.profile import profile_step
     from autofit.predict.profile import what_if as what_ifs
     from autofit.predict.trace import estimate as predict_estimate
 
-    spec = as_spec(spec)
-    if top < 0:
-        raise SpecError([f"--top: must be >= 0, got {top}"])
     plan = plan_limits(spec, device, require_device=False)
     cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
                          precision=precision, segments=segments)

@@ -55,3 +55,90 @@ def test_lazy_package_still_exports_everything():
     for name in autofit.__all__:
         assert getattr(autofit, name) is not None, name
     assert callable(autofit.export) and autofit.export.__module__ == "autofit.api"
+
+
+TINY = {
+    "name": "speed-tiny",
+    "model": {"_target_": "autofit.zoo.mlp", "in_features": 32, "hidden": 64, "depth": 2,
+              "out_features": 4},
+    "data": {"kind": "tensor", "shape": [32], "num_classes": 4},
+    "device": "cpu",
+    "memory": {"budget": "4MiB", "margin": 0.10},
+    "search": {"batch_size": {"min": 1, "max": 4096}},
+}
+
+
+def test_second_estimate_traces_nothing_new(tmp_path: Path):
+    import autofit
+
+    first = autofit.estimate(TINY, cache=tmp_path / "c")
+    second = autofit.estimate(TINY, cache=tmp_path / "c")
+    assert first.cache["new"] >= 3 and first.cache["hits"] == 0
+    assert second.cache == {**first.cache, "hits": first.cache["new"], "new": 0}
+    assert second.max_batch.batch_size == first.max_batch.batch_size
+    assert second.estimate.peak_bytes == first.estimate.peak_bytes
+    assert second.estimate.cached and not first.estimate.cached
+    off = autofit.estimate(TINY, cache=False)
+    assert off.cache is None and off.max_batch.batch_size == first.max_batch.batch_size
+
+
+def test_cache_key_follows_what_a_trace_reads(tmp_path: Path):
+    import autofit
+    from autofit.predict.cache import TraceCache
+    from autofit.predict.device_model import CPU, CUDA_DEFAULT
+
+    cache = TraceCache(tmp_path)
+    spec = autofit.as_spec(TINY)
+    cand = autofit.candidate_for(spec, batch_size=4)
+    key = cache.key(spec, cand, CPU)
+    assert key == TraceCache(tmp_path).key(autofit.as_spec(dict(TINY)), cand, CPU)
+    assert key != cache.key(spec, cand.with_batch(5), CPU)
+    assert key != cache.key(spec, cand, CUDA_DEFAULT)
+    wider = {**TINY, "model": {**TINY["model"], "hidden": 65}}
+    assert key != cache.key(autofit.as_spec(wider), cand, CPU)
+    cheaper = {**TINY, "memory": {"budget": "8MiB", "margin": 0.2}}  # a budget is not traced
+    assert key == cache.key(autofit.as_spec(cheaper), cand, CPU)
+
+
+def test_a_user_module_edit_invalidates_its_traces(tmp_path: Path):
+    import os
+
+    from autofit.predict.cache import module_file, spec_fingerprint
+    from autofit.spec import load_spec
+
+    (tmp_path / "mymodel.py").write_text("import torch\n\ndef net():\n"
+                                         "    return torch.nn.Linear(8, 2)\n")
+    spec_path = tmp_path / "exp.yaml"
+    spec_path.write_text("model: {_target_: mymodel.net}\n"
+                         "data: {kind: tensor, shape: [8], num_classes: 2}\ndevice: cpu\n")
+    spec = load_spec(spec_path, check_imports=False)
+    assert module_file("mymodel.net", [str(tmp_path)]) == str(tmp_path / "mymodel.py")
+    before = spec_fingerprint(spec)
+    st = os.stat(tmp_path / "mymodel.py")
+    os.utime(tmp_path / "mymodel.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert spec_fingerprint(spec) != before
+
+
+@pytest.mark.parametrize("limit_mib", [8, 24])
+def test_segment_lines_pin_the_boundary_in_three_traces(limit_mib: int):
+    import autofit
+    from autofit.predict.batch_curve import predict_max_batch
+    from autofit.predict.device_model import CPU
+    from autofit.predict.trace import estimate
+
+    # a decoder whose every stretch of the step is affine in batch from batch 1 (an MLP's
+    # backward peak moves between moments at small batches: more traces, same boundary)
+    spec = autofit.as_spec({**TINY, "model": {"_target_": "autofit.zoo.gpt", "n_layer": 2,
+                                              "n_embd": 64, "n_head": 2, "vocab_size": 64,
+                                              "block_size": 32},
+                            "data": {"kind": "tokens", "vocab_size": 64, "seq_len": 32}})
+    base = autofit.candidate_for(spec, batch_size=1)
+    limit = limit_mib * 2**20
+    result = predict_max_batch(spec, base, CPU, limit)
+    b = result.batch_size
+    assert result.traces <= 4  # 3 when every stretch is affine from the lowest batch
+    # the answer is the traced boundary: b fits and b + 1 does not, traced independently
+    assert estimate(spec, base.with_batch(b), CPU).peak_bytes <= limit
+    assert estimate(spec, base.with_batch(b + 1), CPU).peak_bytes > limit
+    # an answer read off the lines carries the exact traced peak
+    assert result.estimate.peak_bytes == estimate(spec, base.with_batch(b), CPU).peak_bytes

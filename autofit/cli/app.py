@@ -15,11 +15,15 @@ from rich.markup import escape
 
 from autofit.cli.common import (
     BatchOpt,
+    CacheDirOpt,
     InputSizeOpt,
     JsonOpt,
+    NoCacheOpt,
     PrecisionOpt,
     SegmentsOpt,
     SpecPath,
+    cache_line,
+    cache_setting,
     err,
     fail,
     install_signal_handlers,
@@ -67,7 +71,7 @@ def estimate(
     precision: PrecisionOpt = None, segments: SegmentsOpt = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda: device model to apply")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="per-module table")] = False,
-    as_json: JsonOpt = False,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
 ) -> None:
     """Predict peak memory of one configuration and the largest batch under the budget."""
     from autofit.api import estimate as api_estimate
@@ -75,7 +79,7 @@ def estimate(
     try:
         result = api_estimate(spec_path, batch_size=batch_size, input_size=input_size,
                               precision=precision, segments=segments, device=device,
-                              per_layer=per_layer)
+                              per_layer=per_layer, cache=cache_setting(no_cache, cache_dir))
     except AutofitError as exc:
         fail(exc)
     if as_json:
@@ -86,6 +90,8 @@ def estimate(
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
                    per_layer, plan.notes)
+    if (line := cache_line(result.cache)) is not None:
+        out.print(line, markup=False)
 
 
 @app.command()
@@ -133,6 +139,7 @@ def tune(
     as_json: Annotated[bool, typer.Option("--json", help="print results.json to stdout")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="N worker processes on one study (see autofit worker)")] = None,
     gpus: Annotated[str | None, typer.Option("--gpus", help="one worker per GPU: 0,1,2,3")] = None,
+    no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
 ) -> None:
     """Search the largest configuration that fits; write results.json, tuned.yaml and scripts."""
     if workers is not None or gpus is not None:
@@ -149,7 +156,8 @@ def tune(
         install_signal_handlers()
         with TuneProgress(log) as progress:
             result = api_tune(spec_path, out_dir=out_dir, resume=resume, force=force,
-                              storage=storage, on_event=progress)
+                              storage=storage, on_event=progress,
+                              cache=cache_setting(no_cache, cache_dir))
     except TuneFailed as exc:
         partial = exc.partial
         if partial is not None and partial.out_dir is not None:

@@ -23,6 +23,19 @@ InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="image si
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32 | fp16 | bf16")]
 SegmentsOpt = Annotated[int | None, typer.Option("--segments", help="checkpoint segments")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="trace everything afresh, store nothing")]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="trace cache dir (default: $AUTOFIT_CACHE_DIR, else <output dir>/.trace_cache)")]
+
+
+def cache_setting(no_cache: bool, cache_dir: Path | None) -> bool | Path:
+    """The API's ``cache=`` argument from the two flags."""
+    return False if no_cache else (cache_dir if cache_dir is not None else True)
+
+
+def cache_line(cache: dict[str, Any] | None) -> str | None:
+    if not cache:
+        return None
+    return f"trace cache: {cache['hits']} hit(s), {cache['new']} new trace(s) ({cache['dir']})"
 
 
 def fail(exc: AutofitError, note: str | None = None) -> NoReturn:

@@ -17,11 +17,15 @@ from rich.table import Table
 
 from autofit.cli.common import (
     BatchOpt,
+    CacheDirOpt,
     InputSizeOpt,
     JsonOpt,
+    NoCacheOpt,
     PrecisionOpt,
     SegmentsOpt,
     SpecPath,
+    cache_line,
+    cache_setting,
     err,
     fail,
     out,
@@ -43,7 +47,7 @@ def profile(
     no_plot: Annotated[bool, typer.Option("--no-plot", help="no PNGs (and no batch-curve traces)")] = False,
     with_what_if: Annotated[bool, typer.Option("--what-if/--no-what-if", help="re-trace each knob (default on)")] = True,
     top: Annotated[int, typer.Option("--top", help="tensors alive at the peak to list")] = 10,
-    as_json: JsonOpt = False,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
 ) -> None:
     """Follow memory through one training step and show what each knob would save.
 
@@ -58,7 +62,8 @@ def profile(
             result = api_profile(spec_path, batch_size=batch_size, input_size=input_size,
                                  precision=precision, segments=segments, device=device,
                                  real=real, what_if=with_what_if, plot_dir=plot_dir,
-                                 plots=not no_plot, top=top, results=results)
+                                 plots=not no_plot, top=top, results=results,
+                                 cache=cache_setting(no_cache, cache_dir))
     except AutofitError as exc:
         fail(exc)
     prof, plan = result.profile, result.plan
@@ -70,6 +75,7 @@ def profile(
             budget_bytes=plan.budget_bytes or None, limit_bytes=plan.limit_bytes or None,
             what_if=[k.to_dict() for k in result.what_if], plots=result.plots,
             batch_curve=dataclasses.asdict(result.batch_curve) if result.batch_curve else None,
+            trace_cache=result.cache,
         )
         for line in result.plots.values():
             log.print(line, markup=False)
@@ -77,6 +83,8 @@ def profile(
         return
     _print(out, result.spec_name, prof, plan, result.what_if, result.baseline_bytes)
     for line in result.plots.values():
+        log.print(line, markup=False)
+    if (line := cache_line(result.cache)) is not None:
         log.print(line, markup=False)
 
 

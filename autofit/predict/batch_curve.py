@@ -32,6 +32,9 @@ class BatchCurve:
     first_fit_error: float = 0.0
     """|fit - trace| / trace of the two-point fit at its first inverted guess."""
 
+    def to_line(self) -> tuple[float, float]:
+        return self.intercept_bytes, self.slope_bytes_per_sample
+
     def peak_at(self, batch: int) -> float:
         return self.intercept_bytes + self.slope_bytes_per_sample * batch
 
@@ -95,6 +98,8 @@ class _Traces:
     def __init__(self, spec: ExperimentSpec, base: Candidate, model: DeviceModel,
                  known: list[MemoryEstimate] | None) -> None:
         self.spec, self.base, self.model = spec, base, model
+        self.derived: dict[int, MemoryEstimate] = {}
+        """Estimates read off segment lines proven affine (not traced; see _pin_by_segments)."""
         # estimates already traced for this setting (e.g. the one `autofit estimate` printed)
         self.cache: dict[int, MemoryEstimate] = {
             e.candidate.batch_size: e for e in known or []
@@ -135,8 +140,8 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     traces = _Traces(spec, base, model, known)
 
     def done(batch: int, curve: BatchCurve, is_exact: bool = True) -> MaxBatchEstimate:
-        return MaxBatchEstimate(batch, limit_bytes, curve, traces.cache, len(traces.cache),
-                                time.perf_counter() - start, exact=is_exact)
+        return MaxBatchEstimate(batch, limit_bytes, curve, {**traces.derived, **traces.cache},
+                                len(traces.cache), time.perf_counter() - start, exact=is_exact)
 
     b1 = rng.lowest
     first = traces.peak(b1)
@@ -154,9 +159,134 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     if not exact:
         batch, curve = _quick_ranking(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
         return done(batch, curve, is_exact=False)
+    pinned = _pin_by_segments(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
+    if pinned is not None:
+        return done(*pinned)
     batch, curve = _pin_boundary(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of,
                                  max_traces)
     return done(batch, curve)
+
+
+def _segment_lines(e1: MemoryEstimate, e2: MemoryEstimate) -> dict[str, tuple[float, float]]:
+    """Per-stretch lines (intercept, slope) through two traces' segment peaks."""
+    b1, b2 = e1.candidate.batch_size, e2.candidate.batch_size
+    return {name: fit_line([(b1, e1.segment_peaks[name]), (b2, e2.segment_peaks[name])])
+            for name in e1.segment_peaks.keys() & e2.segment_peaks.keys()}
+
+
+def _on_lines(e1: MemoryEstimate, e2: MemoryEstimate, e3: MemoryEstimate) -> bool:
+    """Every stretch's peak at the third batch exactly on its line through the first two
+    (integer arithmetic: no tolerance)."""
+    (x1, x2, x3) = (e.candidate.batch_size for e in (e1, e2, e3))
+    names = e1.segment_peaks.keys()
+    if not names or names != e2.segment_peaks.keys() or names != e3.segment_peaks.keys():
+        return False
+    return all((e3.segment_peaks[n] - e1.segment_peaks[n]) * (x2 - x1)
+               == (e2.segment_peaks[n] - e1.segment_peaks[n]) * (x3 - x1) for n in names)
+
+
+def _pin_by_segments(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,
+                     mult: int, attempts: int = 2) -> tuple[int, BatchCurve] | None:
+    """Two traces give a line per stretch of the step (forward, backward, optimizer step of
+    each step); the planned peak is the device model over their maximum, so it follows the
+    phase boundaries that defeat a single line. One trace just above the predicted boundary
+    confirms it: each stretch's peak is convex in batch (a maximum of affine live-byte
+    counts), so three collinear points make it affine between them, and the peak at the
+    answer is then known exactly without tracing it. A stretch that bends between the two
+    traces (a small batch peaks at another moment) fails the check: the lines are re-drawn
+    through the two largest traces and one more probe tried. None when the evidence is
+    still not exact (then regula falsi pins the boundary, reusing every trace)."""
+    xa, xb = b1, b2
+    for _ in range(attempts):
+        found, probe = _segments_once(traces, xa, xb, limit_bytes, highest, mult)
+        if found is not None or probe is None:
+            return found
+        xa, xb = sorted({xb, probe})[-2:] if probe != xb else (xa, xb)
+        if xa == xb:
+            return None
+    return None
+
+
+def _segments_once(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest: int,
+                   mult: int) -> tuple[tuple[int, BatchCurve] | None, int | None]:
+    """One attempt of ``_pin_by_segments`` with lines through the traces at ``xa`` < ``xb``:
+    (the answer and its curve, or None; the batch probed, or None when nothing was traced)."""
+    ea, eb = traces.cache[xa], traces.cache[xb]
+    lines = _segment_lines(ea, eb)
+    if not lines:
+        return None, None
+    model, blas = traces.model, eb.uses_blas
+
+    span = xb - xa
+    ends = [(ea.segment_peaks[n], eb.segment_peaks[n]) for n in lines]
+
+    def planned(batch: int) -> int:  # integer arithmetic: exact at the traced batches
+        traced = max(-(-(pa * span + (pb - pa) * (batch - xa)) // span) for pa, pb in ends)
+        return model.reserved(traced, blas)
+
+    if planned(xb) != eb.peak_bytes or planned(xa) != ea.peak_bytes:
+        return None, None  # the stretches do not reproduce the traced peaks: no shortcut
+    best_fit, best_fail = traces.bracket(limit_bytes)
+    top_batch = min(highest, best_fail - mult) if best_fail is not None else highest
+    if top_batch <= best_fit:
+        answer = best_fit
+    elif planned(top_batch) <= limit_bytes:
+        answer = top_batch
+    else:  # largest aligned batch the lines say fits, between the best traced fit and the top
+        low, high = best_fit // mult, top_batch // mult
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if planned(mid * mult) <= limit_bytes else (low, mid)
+        answer = low * mult
+    probe = answer if answer >= highest else answer + mult
+    traced_before = probe in traces.cache
+    traces.peak(probe)
+    ep = traces.cache[probe]
+    if answer >= highest:
+        if ep.peak_bytes > limit_bytes:
+            return None, (None if traced_before else probe)
+    elif ep.peak_bytes <= limit_bytes or not _on_lines(ea, eb, ep):
+        return None, (None if traced_before else probe)
+    if answer not in traces.cache:
+        lower = max(b for b in traces.cache if b < probe)
+        traces.derived[answer] = _derived(traces.cache[lower], ep, answer, planned(answer), model)
+    # the line of the stretch that peaks at the answer (CPU: planned == traced bytes); on CUDA
+    # the device model is not affine, so the chord through the planned peaks around it
+    top = max(lines, key=lambda n: lines[n][0] + lines[n][1] * answer)
+    intercept, slope = lines[top] if model.kind == "cpu" else traces.line(xb, probe).to_line()
+    curve = BatchCurve(intercept, slope, traces.points())
+    near = [(b, p) for b, p in curve.points if b >= answer / 4] or curve.points
+    curve.residual = max(abs(curve.peak_at(b) - p) / max(p, 1) for b, p in near)
+    curve.first_fit_error = abs(curve.peak_at(probe) - ep.peak_bytes) / max(ep.peak_bytes, 1)
+    return (answer, curve), probe
+
+
+def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
+             model: DeviceModel) -> MemoryEstimate:
+    """The estimate at ``batch`` between two traces on the same affine stretch: every
+    category interpolated, temporaries absorbing the rounding so they sum to the peak."""
+    from dataclasses import replace
+
+    x2, x3 = e2.candidate.batch_size, e3.candidate.batch_size
+    t = (batch - x2) / (x3 - x2)
+    b2, b3 = e2.breakdown, e3.breakdown
+
+    def mix(a: int, b: int) -> int:
+        return round(a + (b - a) * t)
+
+    traced = max(round(e2.segment_peaks[n] + (e3.segment_peaks[n] - e2.segment_peaks[n]) * t)
+                 for n in e2.segment_peaks)
+    parts = {f: mix(getattr(b2, f), getattr(b3, f)) for f in
+             ("params_bytes", "grads_bytes", "optimizer_state_bytes", "activations_bytes")}
+    breakdown = replace(b3, **parts, temporaries_bytes=traced - sum(parts.values()),
+                        peak_bytes=traced,
+                        reserved_bytes=peak if model.kind == "cuda" else None)
+    return replace(e3, candidate=e3.candidate.with_batch(batch), breakdown=breakdown,
+                   allocated_bytes=model.allocated(traced, e3.uses_blas), reserved_bytes=peak,
+                   trace_time_s=0.0, cached=False, derived=True, layers=[],
+                   segment_peaks={n: round(e2.segment_peaks[n] + (e3.segment_peaks[n]
+                                                                  - e2.segment_peaks[n]) * t)
+                                  for n in e2.segment_peaks})
 
 
 def _quick_ranking(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,

@@ -16,8 +16,10 @@ import torch
 from torch._subclasses import FakeTensorMode
 
 from autofit.candidate import Candidate
+from autofit.choices import Phase
 from autofit.errors import AutofitError, BuildError
 from autofit.memory import MemoryBreakdown, MemoryTracker, ModuleRecord, PhaseHooks
+from autofit.predict import cache as trace_cache
 from autofit.predict.device_model import DeviceModel
 from autofit.spec import ExperimentSpec
 from autofit.step import TrainingJob
@@ -50,14 +52,22 @@ class MemoryEstimate:
     param_count: int
     layers: list[LayerRow] = field(default_factory=list)
     uses_blas: bool = False
+    segment_peaks: dict[str, int] = field(default_factory=dict)
+    """Traced peak of each stretch of the step, ``"<step>:<phase>"`` -> bytes (block-rounded,
+    before the device model). Each is convex in batch size on its own, and far more often
+    affine over the whole range than their maximum (see ``batch_curve``)."""
+    cached: bool = False
+    """Read from the trace cache (``trace_time_s`` is then the original trace's)."""
+    derived: bool = False
+    """Not traced: read off per-stretch lines that traces proved affine (``batch_curve``)."""
 
     @property
     def peak_bytes(self) -> int:
         """The number planned against the budget."""
         return self.reserved_bytes
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        data = {
             "candidate": self.candidate.to_dict(),
             "peak_bytes": self.peak_bytes,
             "allocated_bytes": self.allocated_bytes,
@@ -67,6 +77,22 @@ class MemoryEstimate:
             "trace_time_s": round(self.trace_time_s, 4),
             "param_count": self.param_count,
         }
+        if full:  # what the trace cache stores
+            data.update(uses_blas=self.uses_blas, segment_peaks=self.segment_peaks,
+                        trace_time_s=self.trace_time_s)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryEstimate:
+        return cls(
+            candidate=Candidate.from_dict(data["candidate"]),
+            breakdown=MemoryBreakdown.from_dict(data["breakdown"]),
+            device_kind=data["device_kind"], allocated_bytes=int(data["allocated_bytes"]),
+            reserved_bytes=int(data["reserved_bytes"]),
+            trace_time_s=float(data["trace_time_s"]), param_count=int(data["param_count"]),
+            uses_blas=bool(data.get("uses_blas", False)),
+            segment_peaks={k: int(v) for k, v in (data.get("segment_peaks") or {}).items()},
+        )
 
 
 def _friendly(exc: BaseException) -> str:
@@ -112,9 +138,53 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     return tracker, param_count, time.perf_counter() - start
 
 
+def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
+    """Peak live bytes of each ``"<step>:<phase>"`` stretch of a finished trace.
+
+    Every allocation and free took one sequence number, and a phase mark records the number
+    at which its stretch began, so one pass over the blocks rebuilds live bytes per event.
+    """
+    delta = [0] * (tracker.seq + 2)
+    allocs = [False] * (tracker.seq + 2)
+    for block in tracker.blocks:
+        delta[block.alloc_seq] += block.nbytes
+        allocs[block.alloc_seq] = True
+        if block.free_seq is not None:
+            delta[block.free_seq] -= block.nbytes
+    marks = sorted((seq, f"{step}:{Phase(phase).value}") for seq, phase, step in tracker.phase_marks)
+    peaks: dict[str, int] = {}
+    name, live, m = "0:setup", 0, 0
+    for seq in range(1, tracker.seq + 1):
+        while m < len(marks) and marks[m][0] < seq:
+            name = marks[m][1]
+            m += 1
+        live += delta[seq]
+        if allocs[seq] and live > peaks.get(name, -1):
+            peaks[name] = live
+    return peaks
+
+
 def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
              per_layer: bool = False) -> MemoryEstimate:
-    """Predict peak memory of one candidate (fake-tensor trace + device model)."""
+    """Predict peak memory of one candidate (fake-tensor trace + device model).
+
+    Inside ``autofit.predict.cache.using(cache)`` the answer comes from the trace cache when
+    it holds one (per-layer traces are always run).
+    """
+    cache = None if per_layer else trace_cache.active()
+    key = cache.key(spec, candidate, model) if cache is not None else ""
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    est = _estimate(spec, candidate, model, per_layer=per_layer)
+    if cache is not None:
+        cache.put(key, est)
+    return est
+
+
+def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
+              per_layer: bool) -> MemoryEstimate:
     tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer)
     breakdown = tracker.breakdown()
     traced = breakdown.peak_bytes
@@ -125,6 +195,7 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         candidate=candidate, breakdown=breakdown, device_kind=model.kind,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
+        segment_peaks=segment_peaks(tracker),
     )
 
 
