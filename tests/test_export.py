@@ -371,7 +371,7 @@ def test_slurm_script_runs_torchrun_with_c10d(tmp_path: Path) -> None:
                                    SLURM_JOB_ID="4242")
     assert launcher == "srun\n"
     assert args == ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
-                    "--rdzv_endpoint=node-a:29500", "--rdzv_id=4242", *TRAIN_ARGS]
+                    "--rdzv_endpoint=node-a:30742", "--rdzv_id=4242", *TRAIN_ARGS]
     assert {k: environ[k] for k in TUNED_ENV} == TUNED_ENV
     assert environ["MASTER_ADDR"] == "node-a" and environ["SRUN_CPUS_PER_TASK"] == "32"
     text = (tmp_path / "out" / "submit_slurm.sh").read_text()
@@ -389,7 +389,7 @@ def test_lsf_script_launches_one_torchrun_per_host(tmp_path: Path) -> None:
                                    LSB_HOSTS=hosts, LSB_JOBID="77")
     assert launcher == "blaunch h1 h2\n"
     assert args == ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
-                    "--rdzv_endpoint=h1:29500", "--rdzv_id=77", *TRAIN_ARGS]
+                    "--rdzv_endpoint=h1:29577", "--rdzv_id=77", *TRAIN_ARGS]
     assert {k: environ[k] for k in TUNED_ENV} == TUNED_ENV
     text = (tmp_path / "out" / "submit_lsf.sh").read_text()
     for directive in ("-J vit-b-imagenet", "-q gpu", "-W 4:00", "-P proj42", "-n 8",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,108 @@ def test_blocks_errors_name_the_stage():
         autofit.estimate(_staged_raw(["layer1", "layer2"]), segments=7, max_batch=False)
     with pytest.raises(BuildError, match=r"e\.g\. model\.blocks: \[layer1, layer2, layer3\]"):
         autofit.estimate(_staged_raw(None), segments=2, max_batch=False)
+
+
+# 6, 7, 8 ----------------------------------------------------------------------------------
+
+def _export_results(**changes: Any) -> dict[str, Any]:
+    from test_export import results
+
+    return results(**changes)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
+def test_rendezvous_port_comes_from_the_job_or_the_environment(tmp_path: Path):
+    from test_export import _run
+
+    from autofit.export import write_exports
+
+    write_exports(_export_results(), tmp_path / "out", formats=["slurm", "lsf"])
+    slurm, lsf = tmp_path / "out" / "submit_slurm.sh", tmp_path / "out" / "submit_lsf.sh"
+    assert "29500" not in slurm.read_text().split("--rdzv_endpoint=")[1].splitlines()[0]
+    ports = {}
+    for job in ("4242", "4243"):
+        args, environ, _ = _run(slurm, tmp_path, SLURM_JOB_NODELIST="node-[a-b]",
+                                SLURM_NNODES="2", SLURM_JOB_ID=job)
+        assert f"--rdzv_endpoint=node-a:{environ['MASTER_PORT']}" in args
+        ports[job] = environ["MASTER_PORT"]
+    assert ports["4242"] != ports["4243"]  # two jobs on one node do not collide
+    args, environ, _ = _run(slurm, tmp_path, SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
+                            SLURM_JOB_ID="5", MASTER_PORT="31234")
+    assert "--rdzv_endpoint=node-a:31234" in args and environ["MASTER_PORT"] == "31234"
+    hosts = " ".join(["h1"] * 4 + ["h2"] * 4)
+    args, environ, _ = _run(lsf, tmp_path, LSB_HOSTS=hosts, LSB_JOBID="78")
+    assert f"--rdzv_endpoint=h1:{environ['MASTER_PORT']}" in args
+    assert environ["MASTER_PORT"] != "29500"
+
+
+def test_slurm_asks_for_cpus_per_task_by_default():
+    from autofit.export import plan_batch, render_slurm
+    from autofit.spec import OutputSpec
+
+    text = render_slurm(_export_results(), OutputSpec(nodes=1, gpus_per_node=4),
+                        plan_batch(24, 4, None))
+    assert "#SBATCH --cpus-per-task=32\n" in text  # 8 per GPU rank x 4 ranks
+    assert "export SRUN_CPUS_PER_TASK=32\n" in text
+    own = render_slurm(_export_results(), OutputSpec(nodes=1, gpus_per_node=4,
+                                                     slurm={"cpus_per_task": 12}),
+                       plan_batch(24, 4, None))
+    assert "#SBATCH --cpus-per-task=12\n" in own and "8 per GPU rank" not in own
+
+
+def test_train_command_placeholder_unless_the_user_gave_one():
+    from autofit.export import plan_batch, render_lsf, render_slurm, render_torchrun
+    from autofit.spec import OutputSpec
+
+    data = _export_results()
+    spec = dict(data["spec"])
+    spec["output"] = {k: v for k, v in spec["output"].items() if k != "train_command"}
+    data["spec"] = spec
+    output = OutputSpec(nodes=1, gpus_per_node=4)
+    for render in (render_slurm, render_lsf, render_torchrun):
+        text = render(data, output, plan_batch(24, 4, None))
+        assert "train.py --config tuned.yaml" not in text
+        assert "    YOUR_TRAIN_SCRIPT.py --config tuned.yaml\n" in text
+        assert "# No output.train_command in the spec: replace YOUR_TRAIN_SCRIPT.py" in text
+    given = OutputSpec(nodes=1, gpus_per_node=4, train_command="train.py --config tuned.yaml")
+    data["spec"]["output"]["train_command"] = "train.py --config tuned.yaml"
+    text = render_slurm(data, given, plan_batch(24, 4, None))
+    assert "    train.py --config tuned.yaml\n" in text and "YOUR_TRAIN_SCRIPT" not in text
+
+
+def test_cpu_tuned_result_is_a_dry_run_in_scripts_and_on_the_terminal(tmp_path: Path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from autofit.cli.app import app
+    from autofit.export import write_exports
+
+    cpu = _export_results(device={"kind": "cpu", "name": "x86_64", "total_bytes": 2**34,
+                                  "torch": "2.13.0", "cuda": None})
+    for path in write_exports(cpu, tmp_path / "cpu", formats=["slurm", "lsf", "torchrun"]):
+        header = path.read_text().split("set -euo pipefail")[0]
+        assert "# DRY RUN: this result was tuned on a CPU" in header, path.name
+    for path in write_exports(_export_results(), tmp_path / "gpu",
+                              formats=["slurm", "lsf", "torchrun"]):
+        assert "DRY RUN" not in path.read_text()
+    (tmp_path / "results.json").write_text(json.dumps(cpu))
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "results.json"), "-f", "slurm",
+                                   "--out", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    assert "dry run for a GPU job" in " ".join(res.output.split())
+
+
+def test_tune_on_cpu_says_dry_run_and_placeholder_on_the_terminal(tmp_path: Path):
+    from rich.console import Console
+
+    from autofit.cli.report import print_tune_summary
+
+    result = autofit.tune(make_raw(), out_dir=tmp_path / "out", runner=Landscape())
+    console = Console(record=True, width=200)
+    print_tune_summary(console, result)
+    text = " ".join(console.export_text().split())
+    assert "tuned on a CPU against its memory budget: the GPU scripts are a dry run" in text
+    assert "no output.train_command in the spec" in text
+    script = (tmp_path / "out" / "submit_slurm.sh").read_text()
+    assert "# DRY RUN:" in script and "YOUR_TRAIN_SCRIPT.py" in script

@@ -197,6 +197,11 @@ def export(
         fail(exc)
     for path in written:
         out.print(f"wrote {path}")
+    if any(path.suffix == ".sh" for path in written):
+        from autofit.cli.report import print_dry_run_note
+        from autofit.export import load_results
+
+        print_dry_run_note(err, load_results(results_path))
 
 
 app.command()(profile)

@@ -199,9 +199,19 @@ class TuneProgress:
             self.console.print(f"[dim]{escape(event.message)}[/dim]")
 
 
+def print_dry_run_note(console: Console, results: dict[str, Any]) -> None:
+    """Warn when GPU scripts were made from a result tuned on a CPU."""
+    from autofit.export.launchers import cpu_dry_run_note
+
+    note = cpu_dry_run_note(results)
+    if note:
+        console.print(f"[yellow]warning:[/yellow] {note}")
+
+
 def print_tune_summary(console: Console, result: TuneResult) -> None:
     """The trial table, the winner, the batch plan and the targets."""
     from autofit.export import output_spec_of, plan_batch, summarize_plan
+    from autofit.export.launchers import train_command_given
 
     print_tune(console, result)
     if result.best is None:
@@ -211,3 +221,9 @@ def print_tune_summary(console: Console, result: TuneResult) -> None:
                       o.global_batch_size)
     for line in summarize_plan(plan) + targets_lines(result.targets):
         console.print(line)
+    if o.scripts:
+        print_dry_run_note(console, {"device": result.device})
+        if not train_command_given({"spec": result.spec.raw}, o):
+            console.print("[yellow]note:[/yellow] no output.train_command in the spec: the "
+                          "scripts run the placeholder YOUR_TRAIN_SCRIPT.py; set it and run "
+                          "autofit export")

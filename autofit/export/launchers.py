@@ -4,6 +4,13 @@ Each script exports the tuned values as ``AUTOFIT_*`` variables (the same ``auto
 section tuned.yaml holds), then starts one ``torchrun`` per node running
 ``output.train_command``: ``--standalone`` on one node, c10d rendezvous on several. Values
 from the spec are shell-quoted; the train command must be one line of valid shell words.
+
+Without ``output.train_command`` in the spec the scripts run a placeholder
+(``YOUR_TRAIN_SCRIPT.py``) under a comment saying what to put there. The rendezvous port is
+``MASTER_PORT`` from the environment, else derived from the job id, so two jobs on one node
+do not collide. Slurm asks for ``--cpus-per-task`` (the spec's, else
+``DEFAULT_CPUS_PER_GPU`` per rank). A result tuned on a CPU says in each script's header that
+it is a dry run for a GPU job.
 """
 
 from __future__ import annotations
@@ -14,12 +21,56 @@ from typing import Any
 
 from autofit.export.batch_plan import BatchPlan
 from autofit.export.common import ExportError, comment, slugify
-from autofit.export.provenance import file_header
+from autofit.export.provenance import Provenance, file_header
 from autofit.export.tuned import tuned_env, tuned_section
 from autofit.spec import OutputSpec
 
 RDZV_PORT = 29500
-"""TCP port of the c10d rendezvous on the first node."""
+"""Base TCP port of the c10d rendezvous on the first node (torchrun's default)."""
+
+RDZV_PORT_SPAN = 3000
+"""Job-derived ports are ``RDZV_PORT + job id % RDZV_PORT_SPAN``: 29500-32499, below Linux's
+ephemeral range (32768+)."""
+
+DEFAULT_CPUS_PER_GPU = 8
+"""Slurm ``--cpus-per-task`` per GPU rank when the spec sets none (without it Slurm gives the
+one task that runs torchrun a single CPU, shared by all its ranks)."""
+
+PLACEHOLDER_TRAIN_COMMAND = "YOUR_TRAIN_SCRIPT.py --config tuned.yaml"
+"""What the scripts run when the spec has no ``output.train_command``."""
+
+
+def _port_lines(job_id_var: str) -> str:
+    """``MASTER_PORT``: the environment's, else derived from the job id."""
+    return (
+        "# Rendezvous port: MASTER_PORT from the environment, else derived from the job id, so\n"
+        "# two jobs on one node do not collide.\n"
+        f'MASTER_PORT="${{MASTER_PORT:-$(( {RDZV_PORT} + {job_id_var} % {RDZV_PORT_SPAN} ))}}"\n'
+        "export MASTER_PORT\n"
+    )
+
+
+def train_command_given(results: dict[str, Any], spec_output: OutputSpec) -> bool:
+    """Did the user name a train command (in the spec, or an output spec that differs from
+    the default)?"""
+    spec = results.get("spec")
+    output = spec.get("output") if isinstance(spec, dict) else None
+    if isinstance(output, dict) and output.get("train_command"):
+        return True
+    return spec_output.train_command.strip() != OutputSpec().train_command
+
+
+def cpu_dry_run_note(results: dict[str, Any]) -> str | None:
+    """The warning for GPU scripts made from a result tuned on a CPU, else None."""
+    if Provenance.from_results(results).device_kind != "cpu":
+        return None
+    return ("this result was tuned on a CPU against its memory budget: the GPU scripts are a dry "
+            "run for a GPU job; tune on the target GPU before relying on the batch size")
+
+
+def _dry_run(results: dict[str, Any]) -> str:
+    note = cpu_dry_run_note(results)
+    return comment([f"DRY RUN: {note}."]) if note else ""
 
 
 def _check_world(spec_output: OutputSpec, plan: BatchPlan) -> None:
@@ -30,7 +81,9 @@ def _check_world(spec_output: OutputSpec, plan: BatchPlan) -> None:
             f"node(s) x {spec_output.gpus_per_node} GPU(s) = {world}")
 
 
-def _train_command(spec_output: OutputSpec) -> str:
+def _train_command(spec_output: OutputSpec, results: dict[str, Any] | None = None) -> str:
+    if results is not None and not train_command_given(results, spec_output):
+        return PLACEHOLDER_TRAIN_COMMAND
     command = spec_output.train_command.strip()
     if "\n" in command or "\r" in command:
         raise ExportError(f"output.train_command: must be one line, got {command!r}")
@@ -84,7 +137,12 @@ def _torchrun_args(nnodes: str, nproc: int, endpoint: str, rdzv_id: str) -> list
 
 def _continued(command: str, args: Sequence[str], train_command: str) -> str:
     parts = [command, *(f"    {arg}" for arg in args), f"    {train_command}"]
-    return " \\\n".join(parts) + "\n"
+    head = ""
+    if train_command == PLACEHOLDER_TRAIN_COMMAND:
+        head = comment(["No output.train_command in the spec: replace YOUR_TRAIN_SCRIPT.py below",
+                        "with your training script and its arguments (it reads tuned.yaml or the",
+                        "AUTOFIT_* variables), or set output.train_command and run autofit export."])
+    return head + " \\\n".join(parts) + "\n"
 
 
 def _indent(text: str) -> str:
@@ -97,6 +155,11 @@ def _optional(options: dict[str, Any], flags: Sequence[tuple[str, str]]) -> list
             if options.get(key) is not None]
 
 
+def _cpus_per_task(spec_output: OutputSpec) -> Any:
+    cpus = spec_output.slurm.get("cpus_per_task")
+    return cpus if cpus is not None else DEFAULT_CPUS_PER_GPU * spec_output.gpus_per_node
+
+
 def _slurm_directives(results: dict[str, Any], spec_output: OutputSpec) -> tuple[list[str], list[str]]:
     """``#SBATCH`` directives, and notes on how Slurm reads them."""
     slurm = spec_output.slurm
@@ -105,11 +168,16 @@ def _slurm_directives(results: dict[str, Any], spec_output: OutputSpec) -> tuple
         f"--nodes={spec_output.nodes}",
         "--ntasks-per-node=1",
         f"--gres=gpu:{spec_output.gpus_per_node}",
-        *_optional(slurm, (("cpus_per_task", "--cpus-per-task="), ("mem", "--mem="))),
+        f"--cpus-per-task={_directive_value(_cpus_per_task(spec_output))}",
+        *_optional(slurm, (("mem", "--mem="),)),
     ]
     notes: list[str] = []
+    if slurm.get("cpus_per_task") is None:
+        notes.append(f"--cpus-per-task: {DEFAULT_CPUS_PER_GPU} per GPU rank (no "
+                     f"output.slurm.cpus_per_task in the spec; set it to the node's CPUs).")
     if slurm.get("time") is not None:
-        time_text, notes = _slurm_time(slurm["time"])
+        time_text, time_notes = _slurm_time(slurm["time"])
+        notes += time_notes
         directives.append(f"--time={time_text}")
     directives += _optional(slurm, (("partition", "--partition="), ("account", "--account=")))
     return directives, notes
@@ -119,38 +187,38 @@ def render_slurm(results: dict[str, Any], spec_output: OutputSpec, plan: BatchPl
     """An sbatch script: one task per node, each running ``torchrun`` with c10d rendezvous."""
     _check_world(spec_output, plan)
     directives, notes = _slurm_directives(results, spec_output)
-    cpus = spec_output.slurm.get("cpus_per_task")
-    srun_env = "" if cpus is None else (
+    srun_env = (
         "# Slurm 22.05+ srun does not inherit --cpus-per-task from sbatch.\n"
-        f"export SRUN_CPUS_PER_TASK={shlex.quote(str(cpus))}\n"
+        f"export SRUN_CPUS_PER_TASK={_directive_value(_cpus_per_task(spec_output))}\n"
     )
     run = _continued(
         "srun torchrun",
         _torchrun_args('"$SLURM_NNODES"', spec_output.gpus_per_node,
-                       f'"$MASTER_ADDR:{RDZV_PORT}"', '"$SLURM_JOB_ID"'),
-        _train_command(spec_output),
+                       '"$MASTER_ADDR:$MASTER_PORT"', '"$SLURM_JOB_ID"'),
+        _train_command(spec_output, results),
     )
     return (
         "#!/bin/bash\n"
         + "".join(f"#SBATCH {d}\n" for d in directives)
         + file_header(results, plan, "Slurm batch script", "slurm")
+        + _dry_run(results)
         + (comment(notes) if notes else "")
         + "set -euo pipefail\n\n"
         + env_block(results, plan)
         + "\n"
         + "MASTER_ADDR=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | awk 'NR == 1')\"\n"
         + "export MASTER_ADDR\n"
-        + f"export MASTER_PORT={RDZV_PORT}\n"
+        + _port_lines("SLURM_JOB_ID")
         + srun_env
         + "\n"
         + run
     )
 
 
-def _lsf_launch(spec_output: OutputSpec) -> str:
+def _lsf_launch(spec_output: OutputSpec, results: dict[str, Any]) -> str:
     """The torchrun line(s) of a bsub script: standalone, or one per host via blaunch."""
     gpus = spec_output.gpus_per_node
-    train = _train_command(spec_output)
+    train = _train_command(spec_output, results)
     if spec_output.nodes == 1:
         return _continued("torchrun", ["--standalone", f"--nproc_per_node={gpus}"], train)
     return (
@@ -158,10 +226,10 @@ def _lsf_launch(spec_output: OutputSpec) -> str:
         "mapfile -t HOSTS < <(tr ' ' '\\n' <<< \"$LSB_HOSTS\" | awk 'NF && !seen[$0]++')\n"
         'MASTER_ADDR="${HOSTS[0]}"\n'
         "export MASTER_ADDR\n"
-        f"export MASTER_PORT={RDZV_PORT}\n\n"
+        + _port_lines("LSB_JOBID") + "\n"
         + _continued(
             'blaunch -z "${HOSTS[*]}" torchrun',
-            _torchrun_args('"${#HOSTS[@]}"', gpus, f'"$MASTER_ADDR:{RDZV_PORT}"', '"$LSB_JOBID"'),
+            _torchrun_args('"${#HOSTS[@]}"', gpus, '"$MASTER_ADDR:$MASTER_PORT"', '"$LSB_JOBID"'),
             train,
         )
     )
@@ -186,10 +254,11 @@ def render_lsf(results: dict[str, Any], spec_output: OutputSpec, plan: BatchPlan
         "#!/bin/bash\n"
         + "".join(f"#BSUB {d}\n" for d in directives)
         + file_header(results, plan, "LSF job script", "lsf")
+        + _dry_run(results)
         + "set -euo pipefail\n\n"
         + env_block(results, plan)
         + "\n"
-        + _lsf_launch(spec_output)
+        + _lsf_launch(spec_output, results)
     )
 
 
@@ -197,7 +266,7 @@ def render_torchrun(results: dict[str, Any], spec_output: OutputSpec, plan: Batc
     """A plain bash script: ``torchrun --standalone`` on one node, c10d rendezvous on several."""
     _check_world(spec_output, plan)
     gpus = spec_output.gpus_per_node
-    train = _train_command(spec_output)
+    train = _train_command(spec_output, results)
     usage = [
         "Usage: single node:  bash torchrun.sh",
         f"       multi-node:   NNODES={max(spec_output.nodes, 2)} MASTER_ADDR=<first node> "
@@ -206,6 +275,7 @@ def render_torchrun(results: dict[str, Any], spec_output: OutputSpec, plan: Batc
     return (
         "#!/bin/bash\n"
         + file_header(results, plan, "torchrun launcher", "torchrun")
+        + _dry_run(results)
         + comment(usage)
         + "set -euo pipefail\n\n"
         + env_block(results, plan)

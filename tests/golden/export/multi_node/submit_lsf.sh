@@ -34,12 +34,15 @@ export AUTOFIT_TUNED_YAML=tuned.yaml
 mapfile -t HOSTS < <(tr ' ' '\n' <<< "$LSB_HOSTS" | awk 'NF && !seen[$0]++')
 MASTER_ADDR="${HOSTS[0]}"
 export MASTER_ADDR
-export MASTER_PORT=29500
+# Rendezvous port: MASTER_PORT from the environment, else derived from the job id, so
+# two jobs on one node do not collide.
+MASTER_PORT="${MASTER_PORT:-$(( 29500 + LSB_JOBID % 3000 ))}"
+export MASTER_PORT
 
 blaunch -z "${HOSTS[*]}" torchrun \
     --nnodes="${#HOSTS[@]}" \
     --nproc_per_node=4 \
     --rdzv_backend=c10d \
-    --rdzv_endpoint="$MASTER_ADDR:29500" \
+    --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv_id="$LSB_JOBID" \
     train.py --config tuned.yaml --run-name "vit b"

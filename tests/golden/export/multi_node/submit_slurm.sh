@@ -32,7 +32,10 @@ export AUTOFIT_TUNED_YAML=tuned.yaml
 
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')"
 export MASTER_ADDR
-export MASTER_PORT=29500
+# Rendezvous port: MASTER_PORT from the environment, else derived from the job id, so
+# two jobs on one node do not collide.
+MASTER_PORT="${MASTER_PORT:-$(( 29500 + SLURM_JOB_ID % 3000 ))}"
+export MASTER_PORT
 # Slurm 22.05+ srun does not inherit --cpus-per-task from sbatch.
 export SRUN_CPUS_PER_TASK=32
 
@@ -40,6 +43,6 @@ srun torchrun \
     --nnodes="$SLURM_NNODES" \
     --nproc_per_node=4 \
     --rdzv_backend=c10d \
-    --rdzv_endpoint="$MASTER_ADDR:29500" \
+    --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv_id="$SLURM_JOB_ID" \
     train.py --config tuned.yaml --run-name "vit b"
