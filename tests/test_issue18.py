@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,42 @@ def test_tune_on_cpu_says_dry_run_and_placeholder_on_the_terminal(tmp_path: Path
     assert "no output.train_command in the spec" in text
     script = (tmp_path / "out" / "submit_slurm.sh").read_text()
     assert "# DRY RUN:" in script and "YOUR_TRAIN_SCRIPT.py" in script
+
+
+# 9 ----------------------------------------------------------------------------------------
+
+BAD_MODEL = '''
+import torch.nn as nn
+
+
+class Bad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+
+def test_shape_error_under_fake_tensors_is_one_line_with_module_op_and_shapes(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "issue18_bad_model.py").write_text(BAD_MODEL)
+    raw = make_raw()
+    raw["model"] = {"_target_": "issue18_bad_model.Bad"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    for command in ("validate", "estimate"):
+        proc = subprocess.run([sys.executable, "-m", "autofit.cli", command, "bad.yaml"],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr  # before: ~20 lines of FakeTensor traceback first
+        assert "Traceback" not in proc.stderr
+        assert "in module 'head' (Linear)" in lines[0]
+        assert "op aten.mm on [1, 32] x [16, 8]" in lines[0]

@@ -8,7 +8,10 @@ returns a ``MemoryEstimate``: the traced breakdown plus the device model's view 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +107,53 @@ def _friendly(exc: BaseException) -> str:
     return text[:400]
 
 
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+"""Logs a full traceback for every failing meta kernel; the trace reports it in one line."""
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    logger = logging.getLogger(FAKE_TENSOR_LOGGER)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _shape(value: Any) -> str | None:
+    if isinstance(value, torch.Tensor):
+        return str(list(value.shape))
+    return None
+
+
+def _failure_site(exc: BaseException, root: torch.nn.Module | None) -> str:
+    """"in module 'head' (Linear), op aten.mm on [1, 32] x [16, 8]" from the traceback: the
+    innermost module forward of the model and the innermost dispatched op (its tensor args)."""
+    names = {id(m): name for name, m in root.named_modules()} if root is not None else {}
+    module = op = None
+    tb = exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        owner = local.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in names:
+            module = owner
+        func = local.get("func")
+        if isinstance(func, torch._ops.OpOverload) and "args" in local:
+            args = local["args"]
+            shapes = [s for s in map(_shape, args if isinstance(args, tuple | list) else ())
+                      if s is not None]
+            op = f"op {func.overloadpacket}" + (f" on {' x '.join(shapes)}" if shapes else "")
+        tb = tb.tb_next
+    parts = []
+    if module is not None:
+        name = names[id(module)] or "(the model)"
+        parts.append(f"in module {name!r} ({type(module).__name__})")
+    if op is not None:
+        parts.append(op)
+    return ", ".join(parts)
+
+
 def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
           steps: int = TRACE_STEPS, per_layer: bool = False,
           timeline: bool = False) -> tuple[MemoryTracker, int, float]:
@@ -116,8 +166,9 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     start = time.perf_counter()
     tracker = MemoryTracker(round_to=model.block_bytes, record_timeline=timeline)
     hooks = PhaseHooks(tracker)
+    job: TrainingJob | None = None
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True):
             job = TrainingJob(spec, candidate, torch.device("cpu"), fake=True, hooks=hooks,
                               target_kind=model.kind)
             for tensor in job.parameters_and_buffers():
@@ -134,7 +185,9 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     except AutofitError:
         raise
     except Exception as exc:
-        raise BuildError(f"tracing {candidate.label()} failed: {_friendly(exc)}") from exc
+        site = _failure_site(exc, job.model if job is not None else None)
+        raise BuildError(f"tracing {candidate.label()} failed"
+                         + (f" {site}" if site else "") + f": {_friendly(exc)}") from exc
     return tracker, param_count, time.perf_counter() - start
 
 
