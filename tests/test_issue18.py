@@ -352,3 +352,23 @@ def test_shape_error_under_fake_tensors_is_one_line_with_module_op_and_shapes(tm
         assert "Traceback" not in proc.stderr
         assert "in module 'head' (Linear)" in lines[0]
         assert "op aten.mm on [1, 32] x [16, 8]" in lines[0]
+
+
+# 13 ---------------------------------------------------------------------------------------
+
+def test_cuda_batch_curve_is_fitted_over_a_wide_span():
+    """Before: the printed line was the secant between two adjacent batches, whose reserved
+    peaks differ by 0 or one 2 MiB segment: "peak = -176.97 GiB + 2.00 MiB x batch"."""
+    raw = make_raw(batch_size={"min": 1, "max": 100000})
+    raw["model"] = {"_target_": "autofit.zoo.mlp", "in_features": 256, "hidden": 512,
+                    "depth": 4, "out_features": 10}
+    raw["data"] = {"kind": "tensor", "shape": [256], "num_classes": 10}
+    raw["memory"] = {"budget": "2GiB", "margin": 0.1}
+    result = autofit.estimate(raw, device="cuda")
+    curve = result.max_batch.curve
+    assert curve.intercept_bytes > 0
+    assert curve.slope_bytes_per_sample < 2**20  # ~20 KiB per sample, not a whole segment
+    near = [(b, p) for b, p in curve.points if b >= result.max_batch.batch_size / 4]
+    assert len(near) >= 2
+    for b, p in near:
+        assert abs(curve.peak_at(b) - p) <= 2 * 2**20  # within a segment of rounding each way

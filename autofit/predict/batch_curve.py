@@ -334,6 +334,11 @@ def _pin_boundary(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: 
     # affinity check: the final line against every traced batch on the same piece (batches
     # far below the boundary may peak in another phase, e.g. the optimizer step)
     near = [(b, p) for b, p in curve.points if b >= best_fit / 4] or curve.points
+    if traces.model.segment_bytes > 1 and len({b for b, _ in near}) >= 2:
+        # reserved memory grows in whole segments (2 MiB): a secant between adjacent batches
+        # is all rounding (slope 0 or 2 MiB, an intercept of minus gigabytes); the line that
+        # is reported and planned with is fitted over the whole piece instead
+        curve.intercept_bytes, curve.slope_bytes_per_sample = fit_line(near)
     curve.residual = max(abs(curve.peak_at(b) - p) / max(p, 1) for b, p in near)
     curve.first_fit_error = residuals[0] if residuals else 0.0
     return best_fit, curve
