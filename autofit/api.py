@@ -16,7 +16,7 @@ from typing import Any
 
 from autofit.candidate import Candidate
 from autofit.choices import Precision
-from autofit.errors import SpecError, TuneFailed
+from autofit.errors import SpecError, TuneFailed, TuneInterrupted
 from autofit.export import load_results, write_exports, write_results
 from autofit.export.tuned import TunedConfig, load_tuned
 from autofit.files import locked_output_dir
@@ -222,7 +222,14 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
         data = _plain(result.to_dict())
         result.out_dir = path
         result.files = write_results(path, data) + write_exports(data, path)
-        result.plot_note = _plot(data, path / "peak_vs_batch.png")
+        plot = path / "peak_vs_batch.png"
+        try:
+            result.plot_note = _plot(data, plot)
+        except KeyboardInterrupt:
+            # every result file is written by now: only the plot is lost
+            plot.unlink(missing_ok=True)
+            result.plot_note = f"interrupted: {plot.name} not written"
+            raise TuneInterrupted(result) from None
     return result
 
 

@@ -372,3 +372,58 @@ def test_cuda_batch_curve_is_fitted_over_a_wide_span():
     assert len(near) >= 2
     for b, p in near:
         assert abs(curve.peak_at(b) - p) <= 2 * 2**20  # within a segment of rounding each way
+
+
+# 11 ---------------------------------------------------------------------------------------
+
+def test_class_path_typo_gets_did_you_mean_and_the_spec_line(tmp_path: Path):
+    pytest.importorskip("transformers")
+    from autofit.errors import SpecError
+
+    path = tmp_path / "gpt.yaml"
+    path.write_text("name: gpt\nmodel:\n  class_path: transformers.GPT2LMHeadModle\n"
+                    "data: {kind: tokens, vocab_size: 512, seq_len: 32}\nloss: model\n")
+    with pytest.raises(SpecError) as info:
+        autofit.estimate(path)
+    assert info.value.problems == [
+        f"{path}:3: model.class_path: cannot import 'transformers.GPT2LMHeadModle': module "
+        "'transformers' has no attribute 'GPT2LMHeadModle'; did you mean "
+        "'transformers.GPT2LMHeadModel'?"]
+
+
+# 12 ---------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_the_plot_says_results_are_written(tmp_path: Path, monkeypatch):
+    import signal
+
+    import yaml
+    from typer.testing import CliRunner
+
+    import autofit.api
+    import autofit.trials.runner
+    from autofit.cli.app import app
+    from autofit.errors import TuneInterrupted
+
+    def interrupted(data: dict[str, Any], path: Path) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autofit.api, "_plot", interrupted)
+    with pytest.raises(TuneInterrupted) as info:
+        autofit.tune(make_raw(), out_dir=tmp_path / "api", runner=Landscape())
+    assert info.value.partial.best is not None
+    assert (tmp_path / "api" / "results.json").exists() and (tmp_path / "api" / "tuned.yaml").exists()
+
+    monkeypatch.setattr(autofit.trials.runner, "run_trial", Landscape())
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump(make_raw()))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        res = CliRunner().invoke(app, ["tune", str(spec), "--out", str(tmp_path / "cli")])
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert res.exit_code == 130, res.output
+    text = " ".join(res.output.split())
+    assert "interrupted while plotting: the results are already written" in text
+    assert "Traceback" not in res.output
+    assert (tmp_path / "cli" / "results.json").exists()

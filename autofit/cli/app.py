@@ -160,6 +160,13 @@ def tune(
                               cache=cache_setting(no_cache, cache_dir))
     except TuneFailed as exc:
         partial = exc.partial
+        if isinstance(exc, TuneInterrupted) and partial is not None and partial.best is not None \
+                and partial.out_dir is not None:
+            err.print(f"[yellow]interrupted[/yellow] while plotting: the results are already "
+                      f"written ({partial.out_dir / 'results.json'}, tuned.yaml and "
+                      f"{len(partial.files) - 2} export files in {partial.out_dir}); only "
+                      f"the plot is missing")
+            raise typer.Exit(code=130) from None
         if partial is not None and partial.out_dir is not None:
             err.print(f"{len(partial.trials)} finished trial(s) kept in "
                       f"{partial.out_dir / 'results.json'} and the study; continue with: "
