@@ -68,7 +68,7 @@ STEP_DESCRIPTIONS: dict[StepKind, str] = {
     StepKind.HF: "Hugging Face model(**batch) computing its own loss (output held through backward)",
     StepKind.HF_TRAINER: "Hugging Face Trainer step (model(**batch).loss; output freed before backward)",
     StepKind.LIGHTNING: "Lightning automatic optimization (training_step, zero_grad, backward, "
-                        "optimizer.step; next batch prefetched)",
+                        "optimizer.step)",
     StepKind.LIGHTNING_MANUAL: "Lightning manual optimization (the module's training_step is the step)",
     StepKind.CUSTOM: "the spec's custom step function (forward, backward and optimizer)",
     StepKind.CUSTOM_FORWARD: "the spec's forward function (its loss; autofit runs backward and step)",

@@ -9,8 +9,7 @@ reproduced with the allocation order that decides its peak:
 - ``hf_trainer``: as HF ``Trainer.training_step``: only the loss survives the forward, so the
   logits are freed before backward.
 - ``lightning``: Lightning's automatic optimization: ``training_step``, then ``zero_grad``
-  (the previous step's gradients live through the forward), backward, ``optimizer.step``,
-  with the next batch already fetched on CPU (Lightning prefetches one batch).
+  (the previous step's gradients live through the forward), backward, ``optimizer.step``.
 - ``lightning_manual``: ``automatic_optimization = False``: the module's ``training_step`` runs
   the whole step with ``self.optimizers()`` and ``self.manual_backward``.
 - ``custom``: the user's full step function; ``custom_forward``: the user's forward-and-loss
@@ -179,7 +178,7 @@ def run_lightning(job: TrainingJob) -> torch.Tensor:
     training_step, zero_grad, backward; then (fp16) unscale_ and the optimizer step."""
     hooks, module = job.hooks, job.model
     hooks.phase(Phase.DATA, job.steps_done)
-    batch = job.lightning_batch()
+    batch = job.loader_batch()
     hooks.phase(Phase.FORWARD)
     with job.autocast():
         out = module.training_step(batch, job.steps_done - 1)
@@ -234,7 +233,7 @@ def run_lightning_manual(job: TrainingJob) -> torch.Tensor:
     """``automatic_optimization = False``: the module's training_step is the whole step."""
     hooks, module = job.hooks, job.model
     hooks.phase(Phase.DATA, job.steps_done)
-    batch = job.lightning_batch()
+    batch = job.loader_batch()
     hooks.phase(Phase.FORWARD)
     with _optimizer_phase_hooks(job), job.autocast():
         out = module.training_step(batch, job.steps_done - 1)
@@ -246,7 +245,7 @@ def run_custom(job: TrainingJob) -> torch.Tensor:
     """The user's full step, given what it asks for by parameter name."""
     hooks = job.hooks
     hooks.phase(Phase.DATA, job.steps_done)
-    batch = job.lightning_batch()
+    batch = job.loader_batch()
     available = {
         "model": job.model, "optimizer": job.optimizer, "optimizers": job.optimizers,
         "batch": batch, "scaler": job.scaler, "autocast": job.autocast, "state": job.user_state,

@@ -916,8 +916,10 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
         loss = "cross_entropy"
     elif loss not in BUILTIN_LOSSES:
         loss = _import_path(p, ("loss",), loss) or "cross_entropy"
+    raw_data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    kind_ok = raw_data.get("kind", "image") in DATA_KINDS  # else only data.kind is reported
     if (loss == "cross_entropy" and data.kind == "image" and data.num_classes is None
-            and "data" in raw and not data.batch):
+            and "data" in raw and not data.batch and kind_ok):
         p.add(("data", "num_classes"), "missing (needed for loss: cross_entropy on images)")
     if "optimizer" in raw:
         opt_target, opt_kwargs, _ = _callable_section(p, ("optimizer",), raw["optimizer"])

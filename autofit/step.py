@@ -129,7 +129,6 @@ class TrainingJob:
                            torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE))
         self._target_shape: torch.Size | None = None
         self._checked_kwargs = False
-        self._prefetched: Any = None
         self.steps_done = 0
 
     def _check_lightning(self) -> None:
@@ -166,20 +165,13 @@ class TrainingJob:
             self._target_shape = model_output_tensor(output).shape
         return make_target(self.spec, self._target_shape, self.device)
 
-    def _loader_batch(self) -> Any:
+    def loader_batch(self) -> Any:
+        """What a DataLoader yields to a LightningModule or a custom step: ``data.batch``, or
+        ``(x, y)`` for the shorthand (``x`` alone when there is no class count). Lightning
+        fetches ahead only from loaders without a length, so one batch is live, as here."""
         if self.spec.data.batch:
             return make_batch(self.spec, self.candidate, self.device).value
         return make_pair(self.spec, self.candidate, self.device)
-
-    def lightning_batch(self) -> Any:
-        """What a DataLoader yields to a LightningModule or a custom step: ``data.batch``, or
-        ``(x, y)`` for the shorthand (``x`` alone when there is no class count). Lightning
-        fetches one batch ahead; on CPU that batch is on the device too."""
-        if self.step_kind not in (StepKind.LIGHTNING, StepKind.LIGHTNING_MANUAL):
-            return self._loader_batch()
-        batch = self._prefetched if self._prefetched is not None else self._loader_batch()
-        self._prefetched = self._loader_batch() if self.target_kind == "cpu" else None
-        return batch
 
     # ----------------------------------------------------------------- pieces of a step
 
@@ -219,6 +211,11 @@ class TrainingJob:
             True for _ in self.model.parameters())
 
 
+HF_TENSOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                    "num_items_in_batch")
+"""Tensors Hugging Face models accept through ``**kwargs`` (packed-sequence attention)."""
+
+
 def check_model_kwargs(spec: ExperimentSpec, model: nn.Module, kwargs: dict[str, Any]) -> None:
     """A dict batch's field the model's forward does not take is a spec error, said once."""
     try:
@@ -226,9 +223,14 @@ def check_model_kwargs(spec: ExperimentSpec, model: nn.Module, kwargs: dict[str,
     except (TypeError, ValueError):
         return
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+        # Hugging Face models take **kwargs for flags (output_attentions, ...) and drop what
+        # they do not know: a batch field landing there is a misspelled or foreign input.
+        if not type(model).__module__.startswith("transformers."):
+            return
+        kwargs = {k: v for k, v in kwargs.items() if k not in HF_TENSOR_KWARGS}
     unknown = [name for name in kwargs if name not in params]
     if unknown:
-        takes = ", ".join(n for n, p in params.items() if p.kind != inspect.Parameter.VAR_POSITIONAL)
+        takes = ", ".join(n for n, p in params.items() if p.kind not in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
         raise BuildError(f"{spec.where(('data', 'batch', unknown[0]))}{type(model).__name__}.forward() "
                          f"takes no argument {unknown[0]!r} (it takes: {takes})")
