@@ -45,6 +45,19 @@ def render_lightning(results: dict[str, Any], plan: BatchPlan) -> str:
         },
         "data": {"batch_size": plan.micro_batch_size},
     }
+    model = (results.get("spec") or {}).get("model")
+    if isinstance(model, dict) and "class_path" in model:
+        # the spec is LightningCLI's own model section: keep it, and the batch size where
+        # the module takes it (as BatchSizeFinder sets model.batch_size / hparams.batch_size)
+        init_args = dict(model.get("init_args") or {})
+        if "batch_size" in init_args:
+            init_args["batch_size"] = plan.micro_batch_size
+        body["model"] = {"class_path": model["class_path"], "init_args": init_args}
+        notes.append("A DataModule given by class_path takes the batch as "
+                     "data.init_args.batch_size; this file sets data.batch_size (a fixed DataModule).")
+    step = (results.get("step") or {}).get("kind")
+    if step:
+        notes.append(f"Proven with the {step} step.")
     header = file_header(results, plan, "Lightning CLI config overlay", "lightning")
     return header + comment(notes) + dump_yaml(body)
 
