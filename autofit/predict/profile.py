@@ -567,7 +567,7 @@ def _knobs(spec: ExperimentSpec, candidate: Candidate, device_model: DeviceModel
         c.with_batch(max(1, c.batch_size // 2)),
         na="n/a: batch size 1 cannot be halved" if c.batch_size < 2 else "")
 
-    if spec.step:
+    if spec.step and "." in spec.step:
         inplace_spec, note = None, "n/a: a user step builds its own computation"
     else:
         inplace_spec, note = _inplace_spec(spec, c)
