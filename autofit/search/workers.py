@@ -104,7 +104,15 @@ def open_storage(url: str) -> Any:
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except Exception as exc:  # noqa: BLE001
+                # workers starting together on an empty database race to create its tables
+                if attempt == 4 or type(exc).__name__ not in ("IntegrityError", "ProgrammingError"):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
     except ModuleNotFoundError as exc:
         extra = " (pip install 'autofit[postgres]')" if url.startswith("postgresql") else ""
         raise StorageUnavailable(f"cannot open storage {describe_storage(url)}: the database "
