@@ -84,6 +84,10 @@ class Block:
     dtype: str
     free_seq: int | None = None
     category: Category | None = None
+    op: str = ""
+    """``aten.op#i``: the op and output index that made it ("" when tracked from outside)."""
+    corrected_bytes: int = 0
+    """Bytes added by a probe calibration (included in ``nbytes``)."""
 
 
 @dataclass
@@ -117,8 +121,15 @@ class MemoryTracker(TorchDispatchMode):
     """
 
     def __init__(self, *, round_to: int = 1, limit_bytes: int | None = None,
-                 record_timeline: bool = False) -> None:
+                 record_timeline: bool = False,
+                 corrections: dict[str, int] | None = None) -> None:
         super().__init__()
+        self.corrections = dict(corrections or {})
+        """``aten.op#i`` -> bytes to add to each new storage that output makes (a probe
+        calibration: the real kernel allocates more than its fake kernel says)."""
+        self.op_log: dict[str, list[int]] = {}
+        """``"<phase>|aten.op#i"`` -> [new storages, their bytes (unrounded, uncorrected)]:
+        the allocation log that a trace and a real run compare op by op."""
         self.round_to = max(1, round_to)
         self.limit_bytes = limit_bytes
         self.record_timeline = record_timeline
@@ -150,7 +161,7 @@ class MemoryTracker(TorchDispatchMode):
         """Count a tensor created outside the mode (parameters built before tracing)."""
         self._add(tensor, Category(category) if category else None)
 
-    def _add(self, tensor: torch.Tensor, category: Category | None = None) -> None:
+    def _add(self, tensor: torch.Tensor, category: Category | None = None, op: str = "") -> None:
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -162,6 +173,13 @@ class MemoryTracker(TorchDispatchMode):
                 block.category = category
             return
         nbytes = storage.nbytes()
+        extra = 0
+        if op:
+            entry = self.op_log.setdefault(f"{Phase(self.phase).value}|{op}", [0, 0])
+            entry[0] += 1
+            entry[1] += nbytes
+            extra = self.corrections.get(op, 0) if self.corrections else 0
+            nbytes = max(0, nbytes + extra)
         if nbytes == 0:
             return
         self.seq += 1
@@ -169,7 +187,7 @@ class MemoryTracker(TorchDispatchMode):
         block = Block(
             nbytes=self._round(nbytes), alloc_seq=self.seq, phase=self.phase, step=self.step,
             module=module, shape=tuple(tensor.shape), dtype=str(tensor.dtype).replace("torch.", ""),
-            category=category,
+            category=category, op=op, corrected_bytes=extra,
         )
         self._live[key] = block
         self.blocks.append(block)
@@ -203,9 +221,10 @@ class MemoryTracker(TorchDispatchMode):
         if not self.uses_blas and func.overloadpacket in _BLAS_OPS:
             self.uses_blas = True
         out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
+        name = str(func.overloadpacket)
+        for index, leaf in enumerate(tree_leaves(out)):
             if isinstance(leaf, torch.Tensor):
-                self._add(leaf)
+                self._add(leaf, op=f"{name}#{index}")
         return out
 
     # ----------------------------------------------------------------- phases and tags

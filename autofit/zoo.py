@@ -9,6 +9,8 @@ Models (all builders take plain keyword arguments with defaults):
   input resolution differs from ``image_size``.
 - ``gpt``: nanoGPT-style causal decoder (SDPA, ``is_causal=True``), with
   ``PRESETS`` for GPT-2 (124M) up to a 6.7B configuration.
+- ``lstm_lm``: an LSTM/GRU language model (its CPU kernel's workspace is invisible to
+  fake tensors; ``autofit.predict.calibrate`` corrects it from a probe).
 - ``mlp``: a plain ``nn.Sequential`` MLP, usable directly with
   ``torch.utils.checkpoint.checkpoint_sequential``.
 
@@ -37,6 +39,7 @@ __all__ = [
     "ResNet",
     "ViT",
     "gpt",
+    "lstm_lm",
     "mlp",
     "resnet",
     "vit",
@@ -507,3 +510,30 @@ def mlp(
         d = hidden
     layers.append(nn.Linear(d, out_features))  # (B, out_features)
     return nn.Sequential(*layers)
+
+
+# -----------------------------------------------------------------------------
+# LSTM language model (a workspace-heavy op: see autofit.predict.calibrate)
+
+
+class LSTMLM(nn.Module):
+    """Embedding -> ``num_layers`` x LSTM (or GRU) -> Linear: logits ``(B, T, vocab_size)``."""
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int, cell: str = "lstm") -> None:
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.rnn = rnn(dim, dim, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x, _ = self.rnn(self.embed(idx))  # (B, T, dim)
+        return self.head(x)  # (B, T, vocab_size)
+
+
+def lstm_lm(vocab_size: int = 2000, dim: int = 128, num_layers: int = 2,
+            cell: str = "lstm") -> nn.Module:
+    """An LSTM (``cell: gru`` for a GRU) language model over ``vocab_size`` tokens."""
+    if cell not in ("lstm", "gru"):
+        raise ValueError(f"unknown cell {cell!r}; valid cells: ['gru', 'lstm']")
+    return LSTMLM(vocab_size, dim, num_layers, cell)

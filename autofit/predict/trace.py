@@ -155,16 +155,18 @@ def _failure_site(exc: BaseException, root: torch.nn.Module | None) -> str:
 
 
 def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
-          steps: int = TRACE_STEPS, per_layer: bool = False,
-          timeline: bool = False) -> tuple[MemoryTracker, int, float]:
+          steps: int = TRACE_STEPS, per_layer: bool = False, timeline: bool = False,
+          corrections: dict[str, int] | None = None) -> tuple[MemoryTracker, int, float]:
     """Run ``steps`` training steps on fake CPU tensors under a tracker.
 
     Returns the tracker, the parameter count and the wall time. CUDA targets are traced on
     fake *CPU* tensors (a CPU build cannot run fake CUDA backward) with the CUDA optimizer
-    choice (foreach) and 512 B block rounding.
+    choice (foreach) and 512 B block rounding. ``corrections`` (``aten.op#i`` -> bytes per new
+    storage) are a probe calibration's (``predict.calibrate``).
     """
     start = time.perf_counter()
-    tracker = MemoryTracker(round_to=model.block_bytes, record_timeline=timeline)
+    tracker = MemoryTracker(round_to=model.block_bytes, record_timeline=timeline,
+                            corrections=corrections)
     hooks = PhaseHooks(tracker)
     job: TrainingJob | None = None
     try:
@@ -224,22 +226,31 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     Inside ``autofit.predict.cache.using(cache)`` the answer comes from the trace cache when
     it holds one (per-layer traces are always run).
     """
+    from autofit.predict.calibrate import applied_for
+
+    calibration = applied_for(spec, candidate, model.kind)
     cache = None if per_layer else trace_cache.active()
     key = cache.key(spec, candidate, model) if cache is not None else ""
+    if cache is not None and calibration is not None:  # corrected traces are kept apart
+        key = f"{key[:16]}{calibration.digest}"
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
-    est = _estimate(spec, candidate, model, per_layer=per_layer)
+    est = _estimate(spec, candidate, model, per_layer=per_layer, calibration=calibration)
     if cache is not None:
         cache.put(key, est)
     return est
 
 
 def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
-              per_layer: bool) -> MemoryEstimate:
-    tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer)
+              per_layer: bool, calibration: Any = None) -> MemoryEstimate:
+    tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer,
+                                     corrections=calibration.corrections if calibration else None)
     breakdown = tracker.breakdown()
+    residual = calibration.residual_bytes if calibration else 0  # what no op explained
+    breakdown.temporaries_bytes += residual
+    breakdown.peak_bytes += residual
     traced = breakdown.peak_bytes
     reserved = model.reserved(traced, tracker.uses_blas)
     breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
@@ -248,7 +259,7 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         candidate=candidate, breakdown=breakdown, device_kind=model.kind,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
-        segment_peaks=segment_peaks(tracker),
+        segment_peaks={k: v + residual for k, v in segment_peaks(tracker).items()},
     )
 
 

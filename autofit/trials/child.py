@@ -142,6 +142,7 @@ class _TrialRun:
             optimizer_state=self.job.optimizer_has_state(),
             rss_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             warning="; ".join(warnings),
+            op_log=self.tracker.op_log,  # compared op by op with the trace (predict.calibrate)
         )
 
     def record_failure(self, exc: BaseException) -> None:

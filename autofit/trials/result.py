@@ -51,6 +51,9 @@ class TrialResult:
     step_kind: str = ""
     """The training step the trial ran (``StepKind`` value; "" when the trial never built)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    op_log: dict[str, list[int]] = field(default_factory=dict)
+    """``"<phase>|aten.op#i"`` -> [new storages, bytes] of the tracked steps (``MemoryTracker
+    .op_log``): what ``predict.calibrate`` compares with the trace, op by op."""
 
     def __post_init__(self) -> None:
         # a runner may hand back plain strings (injected runners, older results)
@@ -92,6 +95,7 @@ class TrialResult:
             "warning": self.warning,
             "loss": self.loss,
             "step_kind": self.step_kind,
+            **({"op_log": self.op_log} if self.op_log else {}),
         }
 
     @classmethod
@@ -116,4 +120,5 @@ class TrialResult:
             warning=data.get("warning", ""),
             loss=data.get("loss"),
             step_kind=data.get("step_kind", ""),
+            op_log={k: [int(n), int(b)] for k, (n, b) in (data.get("op_log") or {}).items()},
         )

@@ -1,0 +1,401 @@
+"""Probe calibration: where a fake kernel allocates less (or more) than its real kernel.
+
+A trace is exact wherever the fake (meta) kernels allocate what the real kernels do. Where
+they do not (``aten.mkldnn_rnn_layer``'s fake kernel returns an empty workspace; the real
+one returns megabytes), the trace is silently wrong. A real run of the same step under the
+same ``MemoryTracker`` records the same allocation log (``MemoryTracker.op_log``: new
+storages and their bytes per phase, op and output index), so the two compare op by op:
+
+* each op output whose real bytes per call differ from the traced bytes per call gets a
+  correction, bytes per call as an affine function of ``x = batch x size units`` (tokens:
+  the sequence length; images: side squared; 1 without a size axis), fitted over the probes
+  of one setting (a single probe gives a proportional correction);
+* the corrected trace adds those bytes to every storage that output makes, so lifetimes,
+  phases, the breakdown and the per-stretch batch lines all see them;
+* what the corrected trace still misses of the probe's measured peak, beyond
+  ``UNEXPLAINED_THRESHOLD``, is reported as unexplained and added as a measured slope
+  (bytes per unit of ``x``).
+
+``using(store)`` makes every ``predict.trace.estimate`` in its scope apply the store's
+corrections (the trace cache keys corrected traces apart). A store is plain JSON: it lives
+in ``results.json`` and ``calibration.json`` next to it, so ``--resume``, ``export`` and the
+targets use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autofit.candidate import Candidate
+from autofit.predict.device_model import DeviceModel
+from autofit.spec import ExperimentSpec
+
+MB = 1e6
+UNEXPLAINED_THRESHOLD = 0.03
+"""|measured - corrected trace| / measured above which the probe's total is not explained."""
+MIN_OP_FRACTION = 0.002
+"""An op's per-step mismatch below this fraction of the measured peak is noise, not a bug."""
+MIN_PER_CALL_BYTES = 1024
+
+KNOWN_MISREPORTING = {
+    "aten.mkldnn_rnn_layer": "CPU oneDNN LSTM/GRU: the fake kernel returns an empty workspace",
+    "aten._cudnn_rnn": "cuDNN RNN: the reserve/workspace depends on the cuDNN algorithm",
+    "aten.mkldnn_convolution": "CPU oneDNN convolution: scratch memory never passes dispatch",
+}
+"""Ops whose fake kernels are known to misreport, named by ``autofit estimate`` without a
+probe (keys are overload packets, as in ``MemoryTracker.op_log``)."""
+
+
+def size_units(spec: ExperimentSpec, candidate: Candidate) -> int:
+    """Per-sample size units of a candidate: tokens, pixels (side squared), or 1."""
+    size = candidate.input_size
+    if not size:
+        return 1
+    return size * size if spec.data.kind == "image" else size
+
+
+def x_of(spec: ExperimentSpec, candidate: Candidate) -> int:
+    return max(1, candidate.batch_size) * size_units(spec, candidate)
+
+
+def setting_key(candidate: Candidate, device_kind: str) -> str:
+    """What a calibration is shared over: precision, checkpoint segments and device kind
+    (batch and input size are its variables)."""
+    return f"{candidate.precision.value}/{candidate.checkpoint_segments}/{device_kind}"
+
+
+def per_call(op_log: dict[str, list[int]]) -> dict[str, tuple[int, float]]:
+    """``aten.op#i`` -> (new storages, mean bytes per storage), summed over phases."""
+    totals: dict[str, list[int]] = {}
+    for key, (calls, nbytes) in op_log.items():
+        op = key.split("|", 1)[-1]
+        entry = totals.setdefault(op, [0, 0])
+        entry[0] += int(calls)
+        entry[1] += int(nbytes)
+    return {op: (calls, nbytes / calls) for op, (calls, nbytes) in totals.items() if calls}
+
+
+def phases_of(op_log: dict[str, list[int]], op: str) -> list[str]:
+    return sorted({k.split("|", 1)[0] for k in op_log if k.split("|", 1)[-1] == op})
+
+
+@dataclass
+class OpProbe:
+    """One probe's view of one op output."""
+
+    batch_size: int
+    input_size: int
+    x: int
+    calls_per_step: float
+    traced_per_call: float
+    real_per_call: float
+
+    @property
+    def delta(self) -> float:
+        return self.real_per_call - self.traced_per_call
+
+
+@dataclass
+class OpCorrection:
+    """Real minus traced bytes per new storage of one op output: ``intercept + slope * x``."""
+
+    op: str
+    """``aten.op#i`` (the op's overload packet and output index)."""
+    intercept: float = 0.0
+    slope: float = 0.0
+    phases: list[str] = field(default_factory=list)
+    probes: list[OpProbe] = field(default_factory=list)
+    at_peak_bytes: int = 0
+    """What it added at the latest probe's corrected peak (0: not alive at the peak)."""
+
+    def bytes_per_call(self, x: int) -> int:
+        return int(round(self.intercept + self.slope * x))
+
+    def refit(self) -> None:
+        points = {p.x: p.delta for p in self.probes}  # latest probe of each x wins
+        if len(points) == 1:
+            (x, delta), = points.items()
+            self.intercept, self.slope = 0.0, delta / x
+            return
+        n = len(points)
+        mx = sum(points) / n
+        my = sum(points.values()) / n
+        sxx = sum((x - mx) ** 2 for x in points)
+        self.slope = sum((x - mx) * (y - my) for x, y in points.items()) / sxx
+        self.intercept = my - self.slope * mx
+
+    @property
+    def name(self) -> str:
+        return self.op.split("#")[0]
+
+    def describe(self, probe: OpProbe | None = None) -> str:
+        probe = probe or self.probes[-1]
+        at_peak = self.at_peak_bytes or abs(probe.delta * probe.calls_per_step)
+        verb = "under-reports" if probe.delta > 0 else "over-reports"
+        where = f" at the peak" if self.at_peak_bytes else " per step"
+        return (f"{self.name} (output {self.op.split('#')[-1]}): fake kernel {verb} by "
+                f"{at_peak / MB:.1f} MB{where} at batch {probe.batch_size} "
+                f"({probe.traced_per_call / MB:.2f} MB traced vs {probe.real_per_call / MB:.2f} MB "
+                f"real per call); corrected")
+
+
+@dataclass
+class ProbeRecord:
+    batch_size: int
+    input_size: int
+    x: int
+    measured_bytes: int
+    traced_bytes: int
+    corrected_bytes: int
+    """The prediction after op corrections (before the unexplained slope)."""
+
+
+@dataclass
+class Calibration:
+    """The corrections of one setting key (see ``setting_key``)."""
+
+    key: str
+    ops: dict[str, OpCorrection] = field(default_factory=dict)
+    unexplained_slope: float = 0.0
+    """Bytes per unit of x the probes measured that no op explains (0: explained)."""
+    probes: list[ProbeRecord] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    def corrections(self, x: int) -> dict[str, int]:
+        return {op: c.bytes_per_call(x) for op, c in self.ops.items() if c.bytes_per_call(x)}
+
+    def digest(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "ops": {k: asdict(v) for k, v in self.ops.items()},
+                "unexplained_slope": self.unexplained_slope,
+                "probes": [asdict(p) for p in self.probes], "messages": list(self.messages)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        ops = {}
+        for op, raw in (data.get("ops") or {}).items():
+            raw = dict(raw)
+            raw["probes"] = [OpProbe(**p) for p in raw.get("probes", [])]
+            ops[op] = OpCorrection(**raw)
+        return cls(key=data["key"], ops=ops,
+                   unexplained_slope=float(data.get("unexplained_slope", 0.0)),
+                   probes=[ProbeRecord(**p) for p in data.get("probes", [])],
+                   messages=list(data.get("messages", [])))
+
+
+@dataclass
+class Applied:
+    """What ``estimate`` applies to one candidate."""
+
+    corrections: dict[str, int]
+    residual_bytes: int
+    digest: str
+
+
+@dataclass
+class CalibrationStore:
+    """Calibrations by setting key; what results.json and calibration.json hold."""
+
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+
+    def find(self, candidate: Candidate, device_kind: str) -> Calibration | None:
+        """The setting's own calibration, else one of the same precision and segments probed
+        on another device kind (a CPU probe corrects CPU-traced CUDA targets)."""
+        own = self.calibrations.get(setting_key(candidate, device_kind))
+        if own is not None:
+            return own
+        prefix = setting_key(candidate, "")
+        for key, cal in sorted(self.calibrations.items()):
+            if key.startswith(prefix):
+                return cal
+        return None
+
+    def applied(self, spec: ExperimentSpec, candidate: Candidate, device_kind: str) -> Applied | None:
+        cal = self.find(candidate, device_kind)
+        if cal is None:
+            return None
+        x = x_of(spec, candidate)
+        corrections = cal.corrections(x)
+        residual = int(round(cal.unexplained_slope * x))
+        if not corrections and not residual:
+            return None
+        return Applied(corrections, residual, cal.digest())
+
+    def messages(self) -> list[str]:
+        return [m for cal in self.calibrations.values() for m in cal.messages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() for k, v in sorted(self.calibrations.items())}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CalibrationStore:
+        return cls({k: Calibration.from_dict(v) for k, v in (data or {}).items()})
+
+    def save(self, path: str | Path) -> None:
+        from autofit.files import write_atomic
+
+        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStore:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+
+
+_ACTIVE: list[CalibrationStore] = []
+
+
+def active() -> CalibrationStore | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def using(store: CalibrationStore | None) -> Iterator[CalibrationStore | None]:
+    """Every ``estimate`` inside applies ``store``'s corrections (None: none)."""
+    if store is None:
+        yield None
+        return
+    _ACTIVE.append(store)
+    try:
+        yield store
+    finally:
+        _ACTIVE.remove(store)
+
+
+def applied_for(spec: ExperimentSpec, candidate: Candidate, device_kind: str) -> Applied | None:
+    store = active()
+    return store.applied(spec, candidate, device_kind) if store is not None else None
+
+
+# ---------------------------------------------------------------------------- comparison
+@dataclass
+class OpDiff:
+    op: str
+    traced_calls: int
+    real_calls: int
+    traced_per_call: float
+    real_per_call: float
+    calls_per_step: float
+
+    @property
+    def delta(self) -> float:
+        return self.real_per_call - self.traced_per_call
+
+
+def compare(traced_log: dict[str, list[int]], real_log: dict[str, list[int]], *,
+            traced_steps: int, measured_bytes: int) -> tuple[list[OpDiff], list[str]]:
+    """Op outputs whose bytes per call differ (significant ones only), and the ops that
+    appear on one side only (the real run took another kernel: not correctable per op)."""
+    traced, real = per_call(traced_log), per_call(real_log)
+    diffs, one_sided = [], []
+    for op in sorted(set(traced) | set(real)):
+        if op not in traced or op not in real:
+            calls, mean = traced.get(op) or real[op]
+            if calls * mean / max(traced_steps, 1) >= MIN_OP_FRACTION * measured_bytes:
+                one_sided.append(f"{op} ({'real' if op in real else 'trace'} only)")
+            continue
+        (tc, tb), (rc, rb) = traced[op], real[op]
+        diff = OpDiff(op, tc, rc, tb, rb, tc / max(traced_steps, 1))
+        if abs(diff.delta) < MIN_PER_CALL_BYTES:
+            continue
+        if abs(diff.delta) * diff.calls_per_step < MIN_OP_FRACTION * measured_bytes:
+            continue
+        diffs.append(diff)
+    return diffs, one_sided
+
+
+def _at_peak_by_op(tracker: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for block in tracker.live_at(tracker.peak_seq):
+        if block.corrected_bytes:
+            out[block.op] = out.get(block.op, 0) + block.corrected_bytes
+    return out
+
+
+def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+              real_log: dict[str, list[int]], measured_bytes: int,
+              store: CalibrationStore | None = None) -> Calibration:
+    """Compare a real run's allocation log with a trace of the same candidate, refit the
+    setting's corrections (added to ``store`` when given) and return its calibration.
+
+    ``measured_bytes`` is the run's peak as the device counts it (CPU: tracked live bytes;
+    CUDA: ``max_memory_allocated``).
+    """
+    from autofit.predict.trace import TRACE_STEPS, trace
+
+    store = store if store is not None else CalibrationStore()
+    key = setting_key(candidate, model.kind)
+    cal = store.calibrations.get(key) or Calibration(key)
+    x = x_of(spec, candidate)
+    tracker, _, _ = trace(spec, candidate, model)
+    traced_peak = model.allocated(tracker.peak_bytes, tracker.uses_blas)
+    diffs, one_sided = compare(tracker.op_log, real_log, traced_steps=TRACE_STEPS,
+                               measured_bytes=measured_bytes)
+    for diff in diffs:
+        corr = cal.ops.get(diff.op) or OpCorrection(diff.op, phases=phases_of(real_log, diff.op))
+        corr.probes = [p for p in corr.probes if p.x != x] + [OpProbe(
+            candidate.batch_size, candidate.input_size, x, diff.calls_per_step,
+            diff.traced_per_call, diff.real_per_call)]
+        corr.refit()
+        cal.ops[diff.op] = corr
+    corrections = cal.corrections(x)
+    if corrections:
+        fixed, _, _ = trace(spec, candidate, model, corrections=corrections)
+        corrected_peak = model.allocated(fixed.peak_bytes, fixed.uses_blas)
+        at_peak = _at_peak_by_op(fixed)
+        for op, corr in cal.ops.items():
+            corr.at_peak_bytes = at_peak.get(op, 0)
+    else:
+        corrected_peak = traced_peak
+    cal.probes = [p for p in cal.probes if p.x != x] + [ProbeRecord(
+        candidate.batch_size, candidate.input_size, x, int(measured_bytes), int(traced_peak),
+        int(corrected_peak))]
+    messages = [cal.ops[d.op].describe() for d in diffs]
+    error = (measured_bytes - corrected_peak) / measured_bytes if measured_bytes else 0.0
+    label = candidate.label()
+    if abs(error) > UNEXPLAINED_THRESHOLD:
+        cal.unexplained_slope = sum(p.measured_bytes - p.corrected_bytes for p in cal.probes) \
+            / sum(p.x for p in cal.probes)
+        why = f"; ops seen on one side only: {', '.join(one_sided)}" if one_sided else ""
+        messages.append(
+            f"probe at {label}: measured {measured_bytes / MB:.1f} MB vs "
+            f"{corrected_peak / MB:.1f} MB traced{' after op corrections' if corrections else ''} "
+            f"({error:+.1%}) and no op explains it{why}; using the measured slope")
+    else:
+        cal.unexplained_slope = 0.0
+        messages.append(
+            f"probe at {label}: measured {measured_bytes / MB:.1f} MB, trace "
+            f"{traced_peak / MB:.1f} MB"
+            + (f", {corrected_peak / MB:.1f} MB after correction" if corrections else "")
+            + f" ({error:+.1%})")
+    cal.messages = messages
+    store.calibrations[key] = cal
+    return cal
+
+
+def calibrate_from_trial(spec: ExperimentSpec, result: Any, model: DeviceModel,
+                         store: CalibrationStore) -> Calibration | None:
+    """Calibrate from a fitting trial that carries an allocation log (else None)."""
+    if not getattr(result, "fits", False) or not getattr(result, "op_log", None) \
+            or result.memory is None or not result.memory.peak_bytes:
+        return None
+    return calibrate(spec, result.candidate, model, result.op_log, int(result.memory.peak_bytes),
+                     store)
+
+
+def known_misreporting(op_log: dict[str, list[int]]) -> list[str]:
+    """Lines naming the ops of a trace whose fake kernels are known to misreport."""
+    seen = {k.split("|", 1)[-1].split("#")[0] for k in op_log}
+    return [f"{op}: {why} (run with --calibrate to measure and correct it)"
+            for op, why in KNOWN_MISREPORTING.items() if op in seen]

@@ -1,0 +1,246 @@
+"""Probe calibration (issue 14): the trace and a real run compared op by op.
+
+``WorkspaceNet`` injects a fake-vs-real mismatch with no LSTM: a custom op whose real kernel
+returns a workspace of ``WORKSPACE_PER_ELEMENT`` bytes per input element, saved for backward,
+while its fake kernel returns an empty one (as ``aten.mkldnn_rnn_layer``'s does).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+
+from autofit.candidate import Candidate
+from autofit.memory import MemoryTracker
+from autofit.predict import cache as trace_cache
+from autofit.predict import calibrate as C
+from autofit.predict.device_model import CPU
+from autofit.predict.trace import estimate, trace
+from autofit.spec import spec_from_dict
+from autofit.trials.child import run_in_child
+from autofit.trials.result import TrialResult
+
+WORKSPACE_PER_ELEMENT = 24
+
+
+@torch.library.custom_op("autofit_test::scale_ws", mutates_args=())
+def scale_ws(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # a C++ kernel's insides never reach dispatch; hide this Python kernel's insides too
+    with _disable_current_modes():
+        return x * 2, torch.zeros(x.numel() * WORKSPACE_PER_ELEMENT, dtype=torch.uint8)
+
+
+@scale_ws.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), x.new_empty(0, dtype=torch.uint8)  # under-reports
+
+
+def _setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(output[1])  # the workspace lives until backward, as cuDNN's does
+    ctx.set_materialize_grads(False)  # no zero gradient the size of the workspace
+
+
+def _backward(ctx, grad, _grad_ws):  # type: ignore[no-untyped-def]
+    return grad * 2
+
+
+scale_ws.register_autograd(_backward, setup_context=_setup)
+
+
+class WorkspaceNet(nn.Module):
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, dim)
+        self.b = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = torch.ops.autofit_test.scale_ws(self.a(x))
+        return self.b(torch.relu(y))
+
+
+def workspace_net() -> nn.Module:
+    return WorkspaceNet()
+
+
+WS_RAW = {"name": "ws", "model": {"_target_": "test_calibration.workspace_net"},
+          "data": {"kind": "tensor", "shape": [64], "num_classes": 4}, "loss": "mse",
+          "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.01}, "device": "cpu",
+          "memory": {"budget": "1GiB"}}
+
+LSTM_RAW = {"name": "lstm", "model": {"_target_": "autofit.zoo.lstm_lm", "vocab_size": 2000,
+                                      "dim": 128, "num_layers": 2},
+            "data": {"kind": "tokens", "vocab_size": 2000, "seq_len": 64},
+            "loss": "cross_entropy", "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+            "device": "cpu", "memory": {"budget": "1GiB"}}
+
+
+def _real(raw: dict, candidate: Candidate) -> TrialResult:
+    """A real trial, in this process (the child's own code, without the fork)."""
+    result = TrialResult.from_dict(run_in_child(
+        {"spec": raw, "candidate": candidate.to_dict(), "device": "cpu", "limit_bytes": None,
+         "warmup_steps": 2, "steps": 1}))
+    assert result.fits, result.message
+    return result
+
+
+def _error(predicted: int, measured: int) -> float:
+    return (predicted - measured) / measured
+
+
+@pytest.fixture(scope="module")
+def ws_spec():  # type: ignore[no-untyped-def]
+    try:
+        return spec_from_dict(WS_RAW)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"spec did not load: {exc}")
+
+
+# ------------------------------------------------------------------ the allocation log
+def test_tracker_logs_new_storages_per_phase_op_and_output() -> None:
+    tracker = MemoryTracker()
+    x = torch.ones(8, 8)
+    with tracker:
+        y = x + 1  # new storage: aten.add#0
+        y.add_(1)  # in place: no new storage
+        z = torch.ops.aten.var_mean(y, dim=0)  # two outputs
+    assert tracker.op_log["setup|aten.add#0"] == [1, 256]
+    assert tracker.op_log["setup|aten.var_mean#0"] == [1, 32]
+    assert tracker.op_log["setup|aten.var_mean#1"] == [1, 32]
+    assert not any("add_" in k for k in tracker.op_log)
+    del z
+
+
+def test_tracker_correction_adds_bytes_even_to_an_empty_fake_output() -> None:
+    plain, corrected = MemoryTracker(), MemoryTracker(corrections={"aten.new_empty#0": 1000})
+    x = torch.ones(4)
+    for tracker in (plain, corrected):
+        with tracker:
+            ws = x.new_empty(0)
+        del ws
+    assert plain.peak_bytes == 0
+    assert corrected.peak_bytes == 1000
+    assert corrected.op_log["setup|aten.new_empty#0"] == [1, 0]  # the log stays uncorrected
+
+
+def test_compare_finds_the_injected_op_and_ignores_matching_ones() -> None:
+    traced = {"forward|aten.mm#0": [4, 4000], "forward|my.op#1": [2, 0],
+              "backward|aten.mm#0": [4, 4000]}
+    real = {"forward|aten.mm#0": [6, 6000], "forward|my.op#1": [3, 3_000_000],
+            "backward|aten.mm#0": [6, 6000]}
+    diffs, one_sided = C.compare(traced, real, traced_steps=2, measured_bytes=10_000_000)
+    assert [d.op for d in diffs] == ["my.op#1"]
+    assert diffs[0].real_per_call == 1_000_000 and diffs[0].traced_per_call == 0
+    assert diffs[0].calls_per_step == 1
+    assert one_sided == []
+    _, one_sided = C.compare(traced, {**real, "forward|other.op#0": [3, 3_000_000]},
+                             traced_steps=2, measured_bytes=10_000_000)
+    assert one_sided == ["other.op#0 (real only)"]
+
+
+def test_one_probe_is_proportional_two_probes_affine() -> None:
+    corr = C.OpCorrection("x.op#0", probes=[C.OpProbe(16, 64, 1024, 1, 0, 8192)])
+    corr.refit()
+    assert corr.intercept == 0 and corr.bytes_per_call(2048) == 16384
+    corr.probes.append(C.OpProbe(32, 64, 2048, 1, 0, 8192 * 2 - 1000 + 1000))
+    corr.probes[-1].real_per_call = 1000 + 8 * 2048
+    corr.probes[0].real_per_call = 1000 + 8 * 1024
+    corr.refit()
+    assert corr.intercept == pytest.approx(1000) and corr.slope == pytest.approx(8)
+
+
+# ------------------------------------------------------------------ injected mismatch, end to end
+def test_injected_mismatch_is_found_corrected_and_extrapolated(ws_spec, one_thread) -> None:  # type: ignore[no-untyped-def]
+    probe = Candidate(batch_size=64, input_size=0)
+    real = _real(WS_RAW, probe)
+    before = estimate(ws_spec, probe, CPU)
+    missing = 64 * 64 * WORKSPACE_PER_ELEMENT
+    assert real.memory.peak_bytes - before.peak_bytes >= missing * 0.9  # the trace misses it
+
+    store = C.CalibrationStore()
+    cal = C.calibrate_from_trial(ws_spec, real, CPU, store)
+    assert list(cal.ops) == ["autofit_test.scale_ws#1"]
+    corr = cal.ops["autofit_test.scale_ws#1"]
+    assert corr.at_peak_bytes == missing
+    assert "autofit_test.scale_ws (output 1): fake kernel under-reports by" in cal.messages[0]
+    assert "at batch 64" in cal.messages[0] and cal.messages[0].endswith("corrected")
+    assert cal.unexplained_slope == 0
+
+    with C.using(store):
+        after = estimate(ws_spec, probe, CPU)
+        bigger = estimate(ws_spec, probe.with_batch(256), CPU)
+    assert abs(_error(after.peak_bytes, real.memory.peak_bytes)) < 0.01
+    real_big = _real(WS_RAW, probe.with_batch(256))
+    assert abs(_error(bigger.peak_bytes, real_big.memory.peak_bytes)) < 0.01
+    # outside the scope, and for another precision, nothing is applied
+    assert estimate(ws_spec, probe, CPU).peak_bytes == before.peak_bytes
+    assert store.applied(ws_spec, Candidate(batch_size=64, input_size=0, precision="bf16"),
+                         "cpu") is None
+
+
+def test_unexplained_total_is_said_and_the_measured_slope_used(ws_spec, one_thread) -> None:  # type: ignore[no-untyped-def]
+    probe = Candidate(batch_size=32, input_size=0)
+    tracker, _, _ = trace(ws_spec, probe, CPU)
+    measured = int(tracker.peak_bytes * 1.10)  # same ops, 10 % more: nothing explains it
+    store = C.CalibrationStore()
+    cal = C.calibrate(ws_spec, probe, CPU, dict(tracker.op_log), measured, store)
+    assert not cal.ops
+    assert "no op explains it" in cal.messages[-1] and "using the measured slope" in cal.messages[-1]
+    assert cal.unexplained_slope == pytest.approx((measured - tracker.peak_bytes) / 32)
+    with C.using(store):
+        after = estimate(ws_spec, probe, CPU)
+    assert abs(_error(after.peak_bytes, measured)) < 0.001
+    assert after.breakdown.peak_bytes == after.peak_bytes
+
+
+def test_store_round_trips_and_keys_corrected_traces_apart(ws_spec, tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    probe = Candidate(batch_size=16, input_size=0)
+    store = C.CalibrationStore()
+    C.calibrate_from_trial(ws_spec, _real(WS_RAW, probe), CPU, store)
+    store.save(tmp_path / "calibration.json")
+    loaded = C.CalibrationStore.load(tmp_path / "calibration.json")
+    assert loaded.to_dict() == json.loads(json.dumps(store.to_dict()))
+    cache = trace_cache.TraceCache(tmp_path / "cache")
+    with trace_cache.using(cache):
+        plain = estimate(ws_spec, probe, CPU)
+        with C.using(loaded):
+            corrected = estimate(ws_spec, probe, CPU)
+            again = estimate(ws_spec, probe, CPU)
+    assert corrected.peak_bytes > plain.peak_bytes
+    assert again.cached and again.peak_bytes == corrected.peak_bytes
+    # a CUDA-kind target of the same precision borrows the CPU probe's corrections
+    assert loaded.find(probe, "cuda") is loaded.calibrations["fp32/0/cpu"]
+
+
+def test_trial_result_carries_the_allocation_log() -> None:
+    data = {"candidate": Candidate(batch_size=2, input_size=0).to_dict(), "status": "fits",
+            "op_log": {"forward|aten.mm#0": [2, 64]}}
+    result = TrialResult.from_dict(data)
+    assert result.op_log == {"forward|aten.mm#0": [2, 64]}
+    assert TrialResult.from_dict(result.to_dict()).op_log == result.op_log
+
+
+# ------------------------------------------------------------------ the LSTM case (issue 14)
+def test_lstm_estimate_after_calibration_matches_the_trial(one_thread) -> None:  # type: ignore[no-untyped-def]
+    spec = spec_from_dict(LSTM_RAW)
+    probe = Candidate(batch_size=16, input_size=64)
+    real = _real(LSTM_RAW, probe)
+    before = estimate(spec, probe, CPU)
+    assert _error(before.peak_bytes, real.memory.peak_bytes) < -0.15  # the fake kernel's hole
+    assert any("aten.mkldnn_rnn_layer" in line for line in C.known_misreporting(
+        trace(spec, probe, CPU)[0].op_log))
+
+    store = C.CalibrationStore()
+    cal = C.calibrate_from_trial(spec, real, CPU, store)
+    assert [c.name for c in cal.ops.values()] == ["aten.mkldnn_rnn_layer"]
+    assert "aten.mkldnn_rnn_layer (output 3): fake kernel under-reports by" in cal.messages[0]
+    with C.using(store):
+        after = estimate(spec, probe, CPU)
+        other = Candidate(batch_size=24, input_size=96)  # another batch and input size
+        after_other = estimate(spec, other, CPU)
+    assert abs(_error(after.peak_bytes, real.memory.peak_bytes)) < 0.03
+    real_other = _real(LSTM_RAW, other)
+    assert abs(_error(after_other.peak_bytes, real_other.memory.peak_bytes)) < 0.03
