@@ -92,6 +92,8 @@ class EstimateResult:
     """memory.margin: the limit is budget x (1 - margin)."""
     cache: dict[str, Any] | None = None
     """The trace cache used: dir, hits, new traces (None: cache off)."""
+    calibration: list[str] = field(default_factory=list)
+    """Probe calibration lines (corrections, or the ops known to misreport without a probe)."""
 
     def to_dict(self) -> dict[str, Any]:
         est, mb = self.estimate, self.max_batch
@@ -103,7 +105,7 @@ class EstimateResult:
             budget_bytes=self.plan.budget_bytes, margin=self.margin,
             limit_bytes=self.plan.limit_bytes,
             layers=[vars(r) for r in est.layers] if est.layers else None,
-            trace_cache=self.cache,
+            trace_cache=self.cache, calibration=self.calibration,
         )
         return data
 
@@ -111,7 +113,8 @@ class EstimateResult:
 def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,
              precision: str | None = None, segments: int | None = None,
              device: str | None = None, per_layer: bool = False,
-             max_batch: bool = True, cache: bool | str | Path = True) -> EstimateResult:
+             max_batch: bool = True, cache: bool | str | Path = True,
+             calibrate: bool = False) -> EstimateResult:
     """Predict peak memory of one candidate on fake tensors (no real memory, no GPU).
 
     Args:
@@ -122,6 +125,9 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
         max_batch: also predict the largest batch under ``budget x (1 - margin)``.
         cache: the trace cache (``autofit.predict.cache``): True for ``$AUTOFIT_CACHE_DIR``
             or ``<output.dir>/.trace_cache``, a directory, or False for none.
+        calibrate: first run a real probe of the candidate and correct the ops whose fake
+            kernels misreport (``autofit.predict.calibrate``); the corrections are kept in
+            ``<output.dir>/calibration.json`` and used by later estimates of this spec.
 
     Returns:
         ``EstimateResult`` with the breakdown and, when the budget is known, the max batch.
@@ -135,15 +141,33 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
     plan = plan_limits(spec, device, require_device=False)
     cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
                          precision=precision, segments=segments)
-    traces = cache_for(cache, tune_out_dir(spec, None))
-    with using_cache(traces):
+    from autofit.predict import calibrate as calib
+
+    out_dir = tune_out_dir(spec, None)
+    traces = cache_for(cache, out_dir)
+    store, lines = calib.load_for(spec, out_dir), []
+    if calibrate:
+        cal, probe = calib.probe(spec, cand, plan.device_model, store, device=plan.device)
+        if cal is None:
+            lines.append(f"probe at {cand.label()} did not run to the end ({probe.status.value}"
+                         f"{': ' + probe.message if probe.message else ''}); nothing corrected")
+        else:
+            lines += cal.messages
+            out_dir.mkdir(parents=True, exist_ok=True)
+            store.save(out_dir / calib.CALIBRATION_FILE)
+    elif (cal := store.find(cand, plan.device_model.kind)) is not None:
+        lines += [f"using the probe calibration in {out_dir / calib.CALIBRATION_FILE}: {m}"
+                  for m in cal.messages if "corrected" in m or "measured slope" in m]
+    with using_cache(traces), calib.using(store):
         est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
         mb = None
         if max_batch and plan.limit_bytes:
             mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
                                    plan.device_model, plan.limit_bytes, known=[est])
+    if not calibrate and store.find(cand, plan.device_model.kind) is None:
+        lines += est.misreporting
     return EstimateResult(est, mb, plan, spec.memory.margin,
-                          traces.to_dict() if traces is not None else None)
+                          traces.to_dict() if traces is not None else None, lines)
 
 
 def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,

@@ -72,14 +72,20 @@ def estimate(
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda: device model to apply")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="per-module table")] = False,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="run a real probe first and correct ops whose fake kernels "
+                            "misreport (kept in <output.dir>/calibration.json)")] = False,
 ) -> None:
     """Predict peak memory of one configuration and the largest batch under the budget."""
     from autofit.api import estimate as api_estimate
 
     try:
+        if calibrate:
+            install_signal_handlers()
         result = api_estimate(spec_path, batch_size=batch_size, input_size=input_size,
                               precision=precision, segments=segments, device=device,
-                              per_layer=per_layer, cache=cache_setting(no_cache, cache_dir))
+                              per_layer=per_layer, cache=cache_setting(no_cache, cache_dir),
+                              calibrate=calibrate)
     except AutofitError as exc:
         fail(exc)
     if as_json:
@@ -90,6 +96,8 @@ def estimate(
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
                    per_layer, plan.notes)
+    for line in result.calibration:
+        out.print(f"calibration: {line}", markup=False)
     if (line := cache_line(result.cache)) is not None:
         out.print(line, markup=False)
 

@@ -206,6 +206,8 @@ class CalibrationStore:
     """Calibrations by setting key; what results.json and calibration.json hold."""
 
     calibrations: dict[str, Calibration] = field(default_factory=dict)
+    spec_key: str = ""
+    """``cache.spec_fingerprint`` of the spec probed: a changed model drops the store."""
 
     def find(self, candidate: Candidate, device_kind: str) -> Calibration | None:
         """The setting's own calibration, else one of the same precision and segments probed
@@ -234,11 +236,14 @@ class CalibrationStore:
         return [m for cal in self.calibrations.values() for m in cal.messages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v.to_dict() for k, v in sorted(self.calibrations.items())}
+        return {"spec_key": self.spec_key,
+                "settings": {k: v.to_dict() for k, v in sorted(self.calibrations.items())}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CalibrationStore:
-        return cls({k: Calibration.from_dict(v) for k, v in (data or {}).items()})
+        data = data or {}
+        return cls({k: Calibration.from_dict(v) for k, v in (data.get("settings") or {}).items()},
+                   spec_key=str(data.get("spec_key", "")))
 
     def save(self, path: str | Path) -> None:
         from autofit.files import write_atomic
@@ -251,6 +256,36 @@ class CalibrationStore:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             return cls()
+
+
+CALIBRATION_FILE = "calibration.json"
+"""Kept in the output dir (next to results.json) by ``estimate --calibrate`` and ``tune``."""
+
+
+def spec_key(spec: ExperimentSpec) -> str:
+    from autofit.predict.cache import spec_fingerprint
+
+    return spec_fingerprint(spec)
+
+
+def load_for(spec: ExperimentSpec, out_dir: str | Path) -> CalibrationStore:
+    """The output dir's calibrations if they were probed on this very spec (else empty)."""
+    key = spec_key(spec)
+    store = CalibrationStore.load(Path(out_dir) / CALIBRATION_FILE)
+    if store.spec_key != key:
+        return CalibrationStore(spec_key=key)
+    return store
+
+
+def probe(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+          store: CalibrationStore, *, device: str | None = None,
+          runner: Any = None) -> tuple[Calibration | None, Any]:
+    """A dedicated probe: one real trial of ``candidate`` (no limit, one timed step) and
+    the calibration it gives (None when the probe did not fit: the result says why)."""
+    from autofit.trials.runner import run_trial
+
+    result = (runner or run_trial)(spec, candidate, limit_bytes=None, steps=1, device=device)
+    return calibrate_from_trial(spec, result, model, store), result
 
 
 _ACTIVE: list[CalibrationStore] = []

@@ -63,6 +63,8 @@ class MemoryEstimate:
     """Read from the trace cache (``trace_time_s`` is then the original trace's)."""
     derived: bool = False
     """Not traced: read off per-stretch lines that traces proved affine (``batch_curve``)."""
+    misreporting: list[str] = field(default_factory=list)
+    """Ops of this step whose fake kernels are known to misreport (``predict.calibrate``)."""
 
     @property
     def peak_bytes(self) -> int:
@@ -82,7 +84,7 @@ class MemoryEstimate:
         }
         if full:  # what the trace cache stores
             data.update(uses_blas=self.uses_blas, segment_peaks=self.segment_peaks,
-                        trace_time_s=self.trace_time_s)
+                        trace_time_s=self.trace_time_s, misreporting=self.misreporting)
         return data
 
     @classmethod
@@ -95,6 +97,7 @@ class MemoryEstimate:
             trace_time_s=float(data["trace_time_s"]), param_count=int(data["param_count"]),
             uses_blas=bool(data.get("uses_blas", False)),
             segment_peaks={k: int(v) for k, v in (data.get("segment_peaks") or {}).items()},
+            misreporting=list(data.get("misreporting") or []),
         )
 
 
@@ -226,7 +229,7 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     Inside ``autofit.predict.cache.using(cache)`` the answer comes from the trace cache when
     it holds one (per-layer traces are always run).
     """
-    from autofit.predict.calibrate import applied_for
+    from autofit.predict.calibrate import applied_for  # imports this module
 
     calibration = applied_for(spec, candidate, model.kind)
     cache = None if per_layer else trace_cache.active()
@@ -245,6 +248,8 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
 
 def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
               per_layer: bool, calibration: Any = None) -> MemoryEstimate:
+    from autofit.predict.calibrate import known_misreporting
+
     tracker, params, seconds = trace(spec, candidate, model, per_layer=per_layer,
                                      corrections=calibration.corrections if calibration else None)
     breakdown = tracker.breakdown()
@@ -260,6 +265,7 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
         segment_peaks={k: v + residual for k, v in segment_peaks(tracker).items()},
+        misreporting=known_misreporting(tracker.op_log),
     )
 
 
