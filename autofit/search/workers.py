@@ -161,12 +161,16 @@ def study_name(spec: ExperimentSpec) -> str:
 # -- the queue and its leases --------------------------------------------------------------
 
 def _pid_alive(pid: int) -> bool:
+    """Is the process there and not a zombie (killed, not yet waited for by its parent)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OSError):
         return True
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     return True
 
 
