@@ -1,0 +1,164 @@
+"""Per-rank prediction for data-parallel jobs (``parallel.strategy: ddp | fsdp``).
+
+* fsdp: the step is traced on one rank of a fake process group of the world size, with
+  ``fully_shard`` on each block then the root (``autofit.parallel``), under a tracker that
+  follows ``UntypedStorage.resize_``. The peak is read from the second step on.
+* ddp: the single-process step is traced and replayed with DDP's gradient buckets alive
+  throughout (``gradient_as_bucket_view``: the gradients live in them instead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses import FakeTensorMode
+
+from autofit.candidate import Candidate
+from autofit.choices import Category, Phase
+from autofit.errors import AutofitError, BuildError
+from autofit.memory import MemoryBreakdown, MemoryTracker, PhaseHooks
+from autofit.parallel import (
+    MEASURE_FROM_STEP,
+    RankPlan,
+    breakdown_at,
+    ddp_bucket_bytes,
+    fake_process_group,
+    fsdp_wrapper,
+    local_tensor,
+    rank_tracker,
+    replay_peak,
+    track_resizes,
+)
+from autofit.predict.device_model import DeviceModel
+from autofit.predict.trace import TRACE_STEPS, MemoryEstimate, _failure_site, _friendly, \
+    _quiet_fake_tensor_log, segment_peaks
+from autofit.spec import ExperimentSpec
+from autofit.step import TrainingJob
+
+
+@dataclass
+class RankEstimate(MemoryEstimate):
+    """A ``MemoryEstimate`` of one rank of a data-parallel job."""
+
+    strategy: str = "none"
+    world_size: int = 1
+    rank_bytes: dict[str, int] = field(default_factory=dict)
+    """Per-rank extras: ``ddp_buckets``, ``unsharded_params`` (FSDP all-gathered parameters
+    alive at the peak), ``sharded_params``."""
+
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        data = super().to_dict(full)
+        data.update(strategy=self.strategy, world_size=self.world_size,
+                    rank_bytes=dict(self.rank_bytes))
+        return data
+
+
+def _job(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, hooks: PhaseHooks,
+         wrap: Any) -> TrainingJob:
+    return TrainingJob(spec, candidate, torch.device("cpu"), fake=True, hooks=hooks,
+                       target_kind=model.kind, wrap=wrap)
+
+
+def trace_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+               plan: RankPlan, *, steps: int = TRACE_STEPS) -> tuple[MemoryTracker, int, int, float]:
+    """Trace one rank's step on fake tensors: (tracker, parameter count, DDP bucket bytes,
+    seconds)."""
+    start = time.perf_counter()
+    tracker = rank_tracker(round_to=model.block_bytes)
+    hooks = PhaseHooks(tracker)
+    job: TrainingJob | None = None
+    buckets = 0
+    try:
+        with _quiet_fake_tensor_log():
+            if plan.strategy == "fsdp":
+                with fake_process_group(plan.world_size) as mesh, \
+                        FakeTensorMode(allow_non_fake_inputs=True):
+                    job = _job(spec, candidate, model, hooks, fsdp_wrapper(plan, spec, mesh))
+                    params = _run(job, tracker, steps)
+            else:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    job = _job(spec, candidate, model, hooks, None)
+                    buckets = ddp_bucket_bytes(job.model) if plan.strategy == "ddp" else 0
+                    params = _run(job, tracker, steps)
+    except AutofitError:
+        raise
+    except Exception as exc:
+        site = _failure_site(exc, job.model if job is not None else None)
+        raise BuildError(f"tracing {candidate.label()} on {plan.label()} failed"
+                         + (f" {site}" if site else "") + f": {_friendly(exc)}") from exc
+    return tracker, params, buckets, time.perf_counter() - start
+
+
+def _run(job: TrainingJob, tracker: MemoryTracker, steps: int) -> int:
+    for tensor in job.parameters_and_buffers():
+        tracker.track(local_tensor(tensor), Category.PARAMS)
+    with track_resizes(tracker), tracker:
+        for _ in range(steps):
+            job.run_step()
+            _tag_locals(job, tracker)
+    return sum(p.numel() for p in job.model.parameters())
+
+
+def _tag_locals(job: TrainingJob, tracker: MemoryTracker) -> None:
+    """Categorise DTensor gradients and optimizer state by their local shards."""
+    grads = [local_tensor(p.grad) for p in job.model.parameters() if p.grad is not None]
+    tracker.tag(grads, Category.GRADS)
+    for optimizer in job.optimizers:
+        tracker.tag([local_tensor(v) for s in optimizer.state.values() for v in s.values()
+                     if isinstance(v, torch.Tensor)], Category.OPTIMIZER_STATE)
+
+
+def rank_peak(tracker: MemoryTracker, plan: RankPlan, buckets: int = 0
+              ) -> tuple[MemoryBreakdown, dict[str, int]]:
+    """The per-rank peak breakdown from step ``MEASURE_FROM_STEP`` on, with the DDP bucket
+    model applied; and the per-rank extras."""
+    drop = Category.GRADS if plan.strategy == "ddp" and plan.gradient_as_bucket_view else None
+    extra = buckets if plan.strategy == "ddp" else 0
+    peak, seq = replay_peak(tracker, from_step=MEASURE_FROM_STEP, extra_bytes=extra, drop=drop)
+    cats = breakdown_at(tracker, seq, drop=drop)
+    rank: dict[str, int] = {}
+    if plan.strategy == "ddp":
+        rank["ddp_buckets"] = buckets
+        cats[Category.GRADS.value] += buckets  # the buckets hold gradients
+    phase, step = _phase_at(tracker, seq)
+    breakdown = MemoryBreakdown(
+        params_bytes=cats[Category.PARAMS.value], grads_bytes=cats[Category.GRADS.value],
+        optimizer_state_bytes=cats[Category.OPTIMIZER_STATE.value],
+        activations_bytes=cats[Category.ACTIVATIONS.value],
+        temporaries_bytes=cats[Category.TEMPORARIES.value],
+        peak_bytes=peak, peak_phase=phase, peak_step=step)
+    if plan.strategy == "fsdp":
+        live = tracker.live_at(seq)
+        resized = getattr(tracker, "resized_seqs", set())
+        rank["unsharded_params"] = sum(b.nbytes for b in live if b.alloc_seq in resized)
+        rank["sharded_params"] = breakdown.params_bytes - rank["unsharded_params"]
+    return breakdown, rank
+
+
+def _phase_at(tracker: MemoryTracker, seq: int) -> tuple[Phase | None, int]:
+    phase, step = None, 0
+    for mark_seq, mark_phase, mark_step in sorted(tracker.phase_marks, key=lambda m: m[0]):
+        if mark_seq >= seq:
+            break
+        phase, step = Phase(mark_phase), mark_step
+    return phase, step
+
+
+def estimate_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+                  plan: RankPlan | None = None) -> RankEstimate:
+    """Predicted peak of one rank of ``plan`` (default: the spec's strategy and world size)."""
+    plan = plan or RankPlan.from_spec(spec)
+    tracker, params, buckets, seconds = trace_rank(spec, candidate, model, plan)
+    breakdown, rank = rank_peak(tracker, plan, buckets)
+    traced = breakdown.peak_bytes
+    reserved = model.reserved(traced, tracker.uses_blas)
+    breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
+    return RankEstimate(
+        candidate=candidate, breakdown=breakdown, device_kind=model.kind,
+        allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
+        trace_time_s=seconds, param_count=params, uses_blas=tracker.uses_blas,
+        segment_peaks=segment_peaks(tracker), strategy=plan.strategy,
+        world_size=plan.world_size, rank_bytes=rank)
