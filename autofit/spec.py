@@ -180,6 +180,31 @@ class OutputSpec:
     """Script + args that torchrun launches in the generated submission scripts."""
 
 
+PARALLEL_STRATEGIES = ("none", "ddp", "fsdp")
+PARALLEL_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelSpec:
+    """How the training job is spread over ranks; memory is planned per rank."""
+
+    strategies: tuple[str, ...] = ("none",)
+    """none | ddp | fsdp (FSDP2 ``fully_shard``); several = searched across."""
+    world_size: int | None = None
+    """Ranks; None = ``output.nodes x output.gpus_per_node``."""
+    reshard_after_forward: bool = True
+    param_dtype: str | None = None
+    """FSDP mixed precision: dtype of the all-gathered parameters (None: as stored)."""
+    reduce_dtype: str | None = None
+    """FSDP mixed precision: dtype of the gradient reduce-scatter (None: param_dtype)."""
+    gradient_as_bucket_view: bool = False
+    """DDP: gradients are views into its buckets (saves 1x the gradient bytes)."""
+
+    @property
+    def strategy(self) -> str:
+        return self.strategies[0]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentSpec:
     name: str
@@ -193,6 +218,7 @@ class ExperimentSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     targets: tuple[TargetSpec, ...] = ()
     output: OutputSpec = field(default_factory=OutputSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     step: str | None = None
     """None: chosen from the model and batch (autofit / hf / lightning); ``autofit`` or
     ``hf_trainer``; or the import path of a user step: a full step
@@ -208,6 +234,11 @@ class ExperimentSpec:
         """Message prefix naming the file line of a YAML path: ``"exp.yaml:12: model: "``
         (``"exp.yaml: optimizer: "`` for a section the file does not have)."""
         return _where(self.source_path, self.lines, path, top=False)[1]
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the job: ``parallel.world_size`` or ``output.nodes x output.gpus_per_node``."""
+        return self.parallel.world_size or self.output.nodes * self.output.gpus_per_node
 
     @property
     def default_input_size(self) -> int:
@@ -720,6 +751,61 @@ def _load_output(p: _Problems, raw: dict) -> OutputSpec:
     )
 
 
+def _bool(p: _Problems, path: tuple, value: Any, default: bool) -> bool:
+    if not isinstance(value, bool):
+        p.add(path, f"must be true or false, got {value!r}")
+        return default
+    return value
+
+
+def _load_parallel(p: _Problems, raw: dict) -> ParallelSpec:
+    par = _section(p, raw, "parallel")
+    _check_keys(p, ("parallel",), par, ("strategy", "world_size", "fsdp", "ddp"))
+    strategies = par.get("strategy", "none")
+    if isinstance(strategies, str):
+        strategies = [strategies]
+    if not isinstance(strategies, list) or not strategies:
+        p.add(("parallel", "strategy"), f"must be one of {', '.join(PARALLEL_STRATEGIES)} or a "
+              f"list of them, got {strategies!r}")
+        strategies = ["none"]
+    listed = isinstance(par.get("strategy"), list)
+    chosen = tuple(dict.fromkeys(
+        _choice(p, ("parallel", "strategy") + ((i,) if listed else ()), v, PARALLEL_STRATEGIES,
+                "none") for i, v in enumerate(strategies)))
+    world = par.get("world_size")
+    if world is not None:
+        world = _int(p, ("parallel", "world_size"), world, minimum=1, maximum=1 << 20, default=1)
+    fsdp = par.get("fsdp", {}) or {}
+    ddp = par.get("ddp", {}) or {}
+    for key, value in (("fsdp", fsdp), ("ddp", ddp)):
+        if not isinstance(value, dict):
+            p.add(("parallel", key), f"must be a mapping, got {value!r}")
+    fsdp = fsdp if isinstance(fsdp, dict) else {}
+    ddp = ddp if isinstance(ddp, dict) else {}
+    _check_keys(p, ("parallel", "fsdp"), fsdp, ("reshard_after_forward", "mixed_precision"))
+    _check_keys(p, ("parallel", "ddp"), ddp, ("gradient_as_bucket_view",))
+    mp = fsdp.get("mixed_precision", {}) or {}
+    if not isinstance(mp, dict):
+        p.add(("parallel", "fsdp", "mixed_precision"),
+              f"must be a mapping {{param_dtype, reduce_dtype}}, got {mp!r}")
+        mp = {}
+    _check_keys(p, ("parallel", "fsdp", "mixed_precision"), mp, ("param_dtype", "reduce_dtype"))
+    dtypes = {}
+    for key in ("param_dtype", "reduce_dtype"):
+        if mp.get(key) is not None:
+            value = PRECISION_ALIASES.get(str(mp[key]), mp[key])
+            dtypes[key] = _choice(p, ("parallel", "fsdp", "mixed_precision", key), value,
+                                  PARALLEL_DTYPES, "fp32")
+    return ParallelSpec(
+        strategies=chosen, world_size=world,
+        reshard_after_forward=_bool(p, ("parallel", "fsdp", "reshard_after_forward"),
+                                    fsdp.get("reshard_after_forward", True), True),
+        param_dtype=dtypes.get("param_dtype"), reduce_dtype=dtypes.get("reduce_dtype"),
+        gradient_as_bucket_view=_bool(p, ("parallel", "ddp", "gradient_as_bucket_view"),
+                                      ddp.get("gradient_as_bucket_view", False), False),
+    )
+
+
 def _device(p: _Problems, value: Any) -> str:
     if value == "auto" or value == "cpu" or value == "cuda":
         return value
@@ -857,7 +943,7 @@ def _check_imports(p: _Problems) -> None:
 
 
 TOP_LEVEL_KEYS = ("name", "model", "data", "loss", "optimizer", "device", "memory", "search",
-                  "targets", "output", "step", "autofit_tuned")
+                  "targets", "output", "step", "parallel", "autofit_tuned")
 """``autofit_tuned`` is the tuned values a ``tuned.yaml`` carries for the training script
 (``autofit.load_tuned``); a spec that has it is still a spec, and the key is not validated here."""
 
@@ -946,6 +1032,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
         search=search,
         targets=_load_targets(p, raw),
         output=_load_output(p, raw),
+        parallel=_load_parallel(p, raw),
         step=step,
         source_path=source if source != "<spec>" else None,
         raw=copy.deepcopy(raw),

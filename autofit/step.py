@@ -95,7 +95,8 @@ class TrainingJob:
     def __init__(self, spec: ExperimentSpec, candidate: Candidate, device: torch.device, *,
                  fake: bool = False, hooks: PhaseHooks | None = None,
                  model_factory: Callable[[], nn.Module] | None = None,
-                 target_kind: str | None = None) -> None:
+                 target_kind: str | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.spec = spec
         self.candidate = candidate
         self.device = device
@@ -107,6 +108,8 @@ class TrainingJob:
             model = model_factory() if model_factory else build_model(spec, candidate.input_size)
         model.train()
         self.model = apply_checkpointing(model, candidate.checkpoint_segments, spec.model.blocks)
+        if wrap is not None:  # data parallelism (autofit.parallel): DDP or FSDP2 on this rank
+            self.model = wrap(self.model)
         self.step_kind = step_kind(spec, self.model)
         if self.step_kind in (StepKind.LIGHTNING, StepKind.LIGHTNING_MANUAL):
             if not fake:
