@@ -231,6 +231,10 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     """
     from autofit.predict.calibrate import applied_for  # imports this module
 
+    if spec.parallel.strategy != "none":  # one rank of DDP / FSDP2 (not cached)
+        from autofit.predict.distributed import estimate_rank
+
+        return estimate_rank(spec, candidate, model)
     calibration = applied_for(spec, candidate, model.kind)
     cache = None if per_layer else trace_cache.active()
     key = cache.key(spec, candidate, model) if cache is not None else ""

@@ -133,6 +133,11 @@ def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | 
               timeout_s: float | None = None, device: str | None = None) -> TrialResult:
     """Run one candidate in a fresh process and return what it measured. Never raises for
     anything the trial does (OOM, user error, hang, crash); only KeyboardInterrupt passes."""
+    if spec.parallel.strategy != "none":  # one process per rank (autofit.trials.ranks)
+        from autofit.trials.ranks import run_rank_trial
+
+        return run_rank_trial(spec, candidate, limit_bytes=limit_bytes, steps=steps,
+                              warmup_steps=warmup_steps, timeout_s=timeout_s, device=device)
     device = device or resolve_device(spec.device)
     timeout_s = spec.search.timeout_s if timeout_s is None else timeout_s
     request = {
