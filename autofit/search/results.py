@@ -115,6 +115,8 @@ class TuneResult:
     """results.json, tuned.yaml and the exports, as written."""
     plot_note: str = ""
     """What became of peak_vs_batch.png ("wrote ..." or why it was skipped)."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """Probe calibrations (``predict.calibrate.CalibrationStore.to_dict``); empty: none."""
 
     @property
     def step_kind(self) -> StepKind:
@@ -206,5 +208,6 @@ class TuneResult:
             "targets": self.targets,
             "notes": self.notes,
             "curves": self.curves,
+            **({"calibration": self.calibration} if self.calibration else {}),
             "trials": [t.to_dict() for t in self.trials],
         }

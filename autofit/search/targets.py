@@ -17,6 +17,7 @@ from autofit.errors import AutofitError
 from autofit.predict.batch_curve import predict_max_batch
 from autofit.predict.device_model import CUDA_DEFAULT
 from autofit.search.events import Note, emitter
+from autofit.predict.calibrate import applied_for as calibration_applied
 from autofit.search.plan import Plan
 from autofit.search.results import TrialRecord
 from autofit.spec import ExperimentSpec
@@ -48,6 +49,10 @@ def _target_entry(spec: ExperimentSpec, target: Any, best: Candidate, plan: Plan
     except AutofitError as exc:
         entry.update(batch_size=0, predicted_peak_bytes=None)
         note = f"prediction failed: {exc}"
+    applied = calibration_applied(spec, base, model.kind)
+    if applied is not None and entry["batch_size"]:
+        ops = ", ".join(sorted({op.split("#")[0] for op in applied.corrections})) or "total"
+        note += f"; trace corrected by the probe calibration ({ops})"
     if not entry["batch_size"]:
         note += "; does not fit even at the minimum batch"
     entry["note"] = note

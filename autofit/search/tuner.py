@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from autofit.candidate import Setting
 from autofit.choices import Objective
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
+from autofit.predict import calibrate as calib
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
 from autofit.search.events import EventHandler, emitter
 from autofit.search.plan import (
@@ -70,15 +72,80 @@ def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resum
     ``out_dir`` holds the optuna journal (resume) unless ``storage`` (an RDB URL) is given.
     ``runner`` is the trial function (tests inject OOM landscapes through it). Raises
     ``TuneFailed`` (``TuneInterrupted`` on Ctrl-C) with every finished trial in ``partial``.
+    The first fitting trial of each setting calibrates the trace (``predict.calibrate``):
+    the corrections apply to every later prediction and the targets, and are kept in
+    ``<out_dir>/calibration.json`` (resumed, with the study) and in the result.
     """
+    store = (calib.load_for(spec, out_dir) if out_dir is not None  # probed on this spec
+             else calib.CalibrationStore(spec_key=calib.spec_key(spec)))
+    with calib.using(store):
+        result = _run_search(spec, out_dir=out_dir, resume=resume, storage=storage,
+                             device=device, on_event=on_event, runner=runner, store=store)
+    result.calibration = store.to_dict() if store.calibrations else {}
+    return result
+
+
+def _calibrating(runner: Callable[..., TrialResult], store: calib.CalibrationStore,
+                 out_dir: str | Path | None, search: Callable[[], Search | None]
+                 ) -> Callable[..., TrialResult]:
+    """``runner`` that calibrates the trace on the first fitting trial of each setting key."""
+
+    def run(spec: ExperimentSpec, candidate: Any, **kwargs: Any) -> TrialResult:
+        result = runner(spec, candidate, **kwargs)
+        s = search()
+        if s is not None:
+            calibrate_on(s, store, result, out_dir)
+        return result
+
+    return run
+
+
+def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialResult,
+                 out_dir: str | Path | None) -> None:
+    """Calibrate from ``result`` unless its setting key already is; say what was corrected
+    and let the settings it covers be re-predicted when they are searched."""
+    model = search.plan.device_model
+    if not result.fits or not result.op_log or \
+            calib.setting_key(result.candidate, model.kind) in store.calibrations:
+        return
+    try:
+        cal = calib.calibrate_from_trial(search.spec, result, model, store)
+    except AutofitError as exc:
+        search.say(f"probe calibration skipped: {exc}", note=True)
+        return
+    if cal is None:
+        return
+    for message in cal.messages:
+        search.say(f"calibration: {message}", note=True)
+    if out_dir is not None:
+        try:
+            store.save(Path(out_dir) / calib.CALIBRATION_FILE)
+        except OSError:
+            pass
+    if cal.ops or cal.unexplained_slope:
+        for setting, pred in search.predictions.items():
+            if calib.setting_key(setting.candidate(1), model.kind) == cal.key:
+                # in place: a pinner under way holds this very object
+                fresh = predict_max_batch(search.spec, setting.candidate(
+                    search.spec.search.batch_size.min), model, search.plan.limit_bytes,
+                    exact=pred.exact)
+                vars(pred).update(vars(fresh))
+
+
+def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: bool,
+                storage: str | None, device: str | None, on_event: EventHandler | None,
+                runner: Callable[..., TrialResult], store: calib.CalibrationStore) -> TuneResult:
     started = time.perf_counter()
     emit = emitter(on_event)
     plan = plan_limits(spec, device)
     strategy = choose_strategy(spec)
     study = open_study(spec, Path(out_dir) if out_dir is not None else None, storage, resume)
-    ledger = Ledger(spec, plan.limit_bytes, plan.device, study, runner, emit,
-                    spec.search.max_trials)
+    holder: list[Search] = []
+    ledger = Ledger(spec, plan.limit_bytes, plan.device, study,
+                    _calibrating(runner, store, out_dir, lambda: holder[0] if holder else None),
+                    emit, spec.search.max_trials)
     search = Search(spec, plan, {}, {}, ledger, emit, strategy, study)
+    holder.append(search)
     for note in plan.notes:
         search.say(note, note=True)
     if strategy is not spec.search.strategy and spec.search.strategy != "auto":
@@ -94,6 +161,8 @@ def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resum
     search.predictions = predict_settings(spec, plan, settings, search.say)
     predict_s = time.perf_counter() - t0
     search.summaries = {st: SettingSummary(st, p.batch_size) for st, p in search.predictions.items()}
+    for record in list(ledger.cache.values()):  # resumed trials calibrate as new ones do
+        calibrate_on(search, store, record.result, out_dir)
 
     def partial() -> TuneResult:
         return _result(search, predict_s, started)
