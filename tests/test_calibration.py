@@ -244,3 +244,36 @@ def test_lstm_estimate_after_calibration_matches_the_trial(one_thread) -> None: 
     assert abs(_error(after.peak_bytes, real.memory.peak_bytes)) < 0.03
     real_other = _real(LSTM_RAW, other)
     assert abs(_error(after_other.peak_bytes, real_other.memory.peak_bytes)) < 0.03
+
+
+# ------------------------------------------------------------------ tune: calibrated on its first fit
+def _in_process_runner(spec, candidate, *, limit_bytes=None, steps=None, warmup_steps=None,  # type: ignore[no-untyped-def]
+                       timeout_s=None, device=None):
+    return TrialResult.from_dict(run_in_child(
+        {"spec": spec.raw, "candidate": candidate.to_dict(), "device": "cpu",
+         "limit_bytes": limit_bytes, "cpu_limit": "budget",
+         "warmup_steps": 2 if warmup_steps is None else warmup_steps,
+         "steps": 1 if steps is None else steps}))
+
+
+def test_tune_calibrates_on_its_first_fit_and_keeps_it(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from autofit.search.tuner import run_search
+
+    raw = {**WS_RAW, "memory": {"budget": "4MiB", "margin": 0.0},
+           "search": {"batch_size": {"min": 8, "max": 4096}, "verify_steps": 2},
+           "targets": [{"name": "small", "memory": "1GiB"}]}
+    spec = spec_from_dict(raw)
+    result = run_search(spec, out_dir=tmp_path, runner=_in_process_runner)
+    assert "fp32/0/cpu" in result.calibration["settings"]
+    assert any(n.startswith("calibration: autofit_test.scale_ws (output 1): fake kernel "
+                            "under-reports") for n in result.notes)
+    trials = result.trials
+    first_fit = next(i for i, t in enumerate(trials) if t.result.fits)
+    for record in trials[first_fit + 1:]:  # every later prediction is the corrected one
+        if record.result.fits:
+            assert abs(_error(record.predicted_peak_bytes, record.result.peak_bytes)) < 0.01
+    note = result.targets[0]["note"]
+    assert "trace corrected by the probe calibration (" in note and "autofit_test.scale_ws" in note
+    assert "calibration" in result.to_dict()
+    kept = C.load_for(spec, tmp_path)  # what --resume and later estimates read
+    assert kept.to_dict() == result.calibration

@@ -52,6 +52,15 @@ KNOWN_MISREPORTING = {
 probe (keys are overload packets, as in ``MemoryTracker.op_log``)."""
 
 
+def _mb(nbytes: float) -> str:
+    """Decimal megabytes, as the issue and ``autofit trial`` speak of them (kB when small)."""
+    return f"{nbytes / MB:.1f} MB" if abs(nbytes) >= 0.1 * MB else f"{nbytes / 1e3:.1f} kB"
+
+
+def _mb2(nbytes: float) -> str:
+    return f"{nbytes / MB:.2f} MB" if abs(nbytes) >= 0.01 * MB else f"{nbytes / 1e3:.2f} kB"
+
+
 def size_units(spec: ExperimentSpec, candidate: Candidate) -> int:
     """Per-sample size units of a candidate: tokens, pixels (side squared), or 1."""
     size = candidate.input_size
@@ -138,10 +147,10 @@ class OpCorrection:
         probe = probe or self.probes[-1]
         at_peak = self.at_peak_bytes or abs(probe.delta * probe.calls_per_step)
         verb = "under-reports" if probe.delta > 0 else "over-reports"
-        where = f" at the peak" if self.at_peak_bytes else " per step"
+        where = " at the peak" if self.at_peak_bytes else " per step"
         return (f"{self.name} (output {self.op.split('#')[-1]}): fake kernel {verb} by "
-                f"{at_peak / MB:.1f} MB{where} at batch {probe.batch_size} "
-                f"({probe.traced_per_call / MB:.2f} MB traced vs {probe.real_per_call / MB:.2f} MB "
+                f"{_mb(abs(at_peak))}{where} at batch {probe.batch_size} "
+                f"({_mb2(probe.traced_per_call)} traced vs {_mb2(probe.real_per_call)} "
                 f"real per call); corrected")
 
 
@@ -404,15 +413,14 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
             / sum(p.x for p in cal.probes)
         why = f"; ops seen on one side only: {', '.join(one_sided)}" if one_sided else ""
         messages.append(
-            f"probe at {label}: measured {measured_bytes / MB:.1f} MB vs "
-            f"{corrected_peak / MB:.1f} MB traced{' after op corrections' if corrections else ''} "
+            f"probe at {label}: measured {_mb(measured_bytes)} vs "
+            f"{_mb(corrected_peak)} traced{' after op corrections' if corrections else ''} "
             f"({error:+.1%}) and no op explains it{why}; using the measured slope")
     else:
         cal.unexplained_slope = 0.0
         messages.append(
-            f"probe at {label}: measured {measured_bytes / MB:.1f} MB, trace "
-            f"{traced_peak / MB:.1f} MB"
-            + (f", {corrected_peak / MB:.1f} MB after correction" if corrections else "")
+            f"probe at {label}: measured {_mb(measured_bytes)}, trace {_mb(traced_peak)}"
+            + (f", {_mb(corrected_peak)} after correction" if corrections else "")
             + f" ({error:+.1%})")
     cal.messages = messages
     store.calibrations[key] = cal

@@ -15,9 +15,9 @@ from autofit.candidate import Candidate
 from autofit.choices import Precision
 from autofit.errors import AutofitError
 from autofit.predict.batch_curve import predict_max_batch
+from autofit.predict.calibrate import applied_for as calibration_applied
 from autofit.predict.device_model import CUDA_DEFAULT
 from autofit.search.events import Note, emitter
-from autofit.predict.calibrate import applied_for as calibration_applied
 from autofit.search.plan import Plan
 from autofit.search.results import TrialRecord
 from autofit.spec import ExperimentSpec
