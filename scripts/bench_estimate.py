@@ -2,9 +2,10 @@
 
 Usage::
 
-    python scripts/bench_estimate.py            # every zoo case x fp32/bf16/fp16 x 0/2 segments
-    python scripts/bench_estimate.py --quick    # fp32 only (< 2 min on 2 cores)
+    python scripts/bench_estimate.py            # zoo x fp32/bf16/fp16 x 0/2 segments, step kinds
+    python scripts/bench_estimate.py --quick    # fp32 only (~3 min on 2 cores)
     python scripts/bench_estimate.py --markdown out/bench_estimate.md
+    python scripts/bench_estimate.py --only-step-kinds   # only the step-kind rows (~1 min fp32)
 
 Issue targets (figures are printed, never asserted): predicted peak within 3% of the measured
 real step for every row; ``estimate`` < 2 s per shipped config; it finishes for a > 1B-param
@@ -40,6 +41,26 @@ Real steps run in processes forked from a helper forked at start-up, before this
 runs any torch op: OpenMP (the ATen CPU backend) is not fork-safe once its thread pool is
 up, and the fake-tensor traces run in this process.
 
+A second table, **step kinds**, proves each training step autofit can run besides its own
+(``autofit/loops.py``) the same way: ``predicted`` and ``tracker`` as above (the tracker
+measures ``TrainingJob.run_step`` of the spec's step kind in a forked process, what the CPU
+trials run), ``profiler`` as above. Rows (batch ``--batch``, every precision of the run):
+
+* ``hf`` and ``hf_trainer`` on ``configs/hf_gpt2.yaml`` (the same GPT-2, output held through
+  backward vs freed before it: the pair printed under the table as "output held vs freed"),
+  and on ``configs/hf_bert.yaml`` (shipped as ``hf_trainer``; ``hf`` with ``step`` removed);
+* ``lightning``: ``configs/lightning.yaml`` (``LitClassifier``, Lightning's automatic
+  optimization); ``lightning_manual``: ``LitClassifierManual`` below (the same network with
+  ``automatic_optimization = False``: ``self.optimizers()``, ``manual_backward``, gradient
+  clipping, ``opt.step()`` in its own ``training_step``);
+* ``custom``: the ``resnet`` zoo case with ``step: bench_estimate.clip_ema_accum`` (two
+  accumulated micro-batches, gradient clipping, an EMA copy of the weights);
+  ``custom_forward``: the same case with ``step: bench_estimate.smoothed_forward`` (the user's
+  forward and label-smoothed loss; autofit's backward and optimizer step).
+
+Rows whose framework (``transformers``, ``lightning``) is not installed are skipped with the
+reason printed. ``kind``: the step kind the real job ran (``TrainingJob.step_kind``).
+
 The summary ends with ``estimate`` wall time for each shipped config (``configs/*.yaml``) at
 ``search.batch_size.min`` (largest input size, first precision and segment count, like
 ``autofit estimate``), with the CPU device model (CUDA_DEFAULT for ``device: cuda``
@@ -63,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # config warnings of the HF rows
 
 import torch  # noqa: E402  - imported (never run) before the fork helper starts
 from _zoo_cases import (  # noqa: E402
@@ -77,6 +99,81 @@ from _zoo_cases import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURE_STEPS = 3
+if __name__ == "__main__":  # `step: bench_estimate.<fn>` resolves to this running script
+    sys.modules.setdefault("bench_estimate", sys.modules[__name__])
+
+
+# --------------------------------------------------------------------------- user steps
+
+
+def clip_ema_accum(model: Any, optimizer: Any, batch: Any, scaler: Any, autocast: Any,
+                   state: dict[str, Any]) -> Any:
+    """A full custom step: two accumulated micro-batches, gradient clipping, an EMA copy."""
+    x, y = batch
+    loss = None
+    for part_x, part_y in zip(x.chunk(2), y.chunk(2), strict=True):
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(part_x), part_y) / 2
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if "ema" not in state:
+        state["ema"] = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for ema, p in zip(state["ema"], model.parameters(), strict=True):
+            ema.lerp_(p, 0.01)
+    return loss
+
+
+def smoothed_forward(model: Any, batch_size: int, input_size: int, device: Any) -> Any:
+    """A forward-only custom step: the user's own batch and label-smoothed loss."""
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.1)
+
+
+def _lit_classifier_manual() -> Any:
+    """``LitClassifier`` (configs/lit_classifier.py) with manual optimization."""
+    configs = str(ROOT / "configs")
+    if configs not in sys.path:
+        sys.path.insert(0, configs)
+    from lit_classifier import LitClassifier
+
+    class LitClassifierManual(LitClassifier):
+        """The same network; its training_step runs the whole step (clipping included)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            opt = self.optimizers()
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+            opt.step()
+            self.log("train_loss", loss)
+            return loss
+
+    LitClassifierManual.__module__ = "bench_estimate"
+    return LitClassifierManual
+
+
+def __getattr__(name: str) -> Any:  # Lightning is imported only when a row asks for it
+    if name == "LitClassifierManual":
+        cls = _lit_classifier_manual()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- fork helper
@@ -167,7 +264,8 @@ def _trim_and_reset_rss() -> bool:
 # --------------------------------------------------------------------------- measurements
 
 
-def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[str, Any]:
+def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int,
+                 source: str = "<spec>") -> dict[str, Any]:
     """In a fresh process: tracker peak, RSS delta, profiler peak of ``steps`` real steps."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -177,7 +275,7 @@ def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[
     from autofit.spec import spec_from_dict
     from autofit.step import TrainingJob
 
-    spec = spec_from_dict(raw)
+    spec = spec_from_dict(raw, source)
     candidate = Candidate.from_dict(cand)
     cpu = torch.device("cpu")
 
@@ -200,7 +298,8 @@ def measure_real(raw: dict[str, Any], cand: dict[str, Any], steps: int) -> dict[
     step_s = (time.perf_counter() - t0) / steps
     rss1 = _maxrss_bytes()
     out = {"tracker_peak": tracker.peak_bytes, "tracker_phase": tracker.peak_phase,
-           "tracker_step": tracker.peak_step, "rss_delta": rss1 - rss0, "step_s": step_s}
+           "tracker_step": tracker.peak_step, "rss_delta": rss1 - rss0, "step_s": step_s,
+           "step_kind": job.step_kind.value}
     del job, tracker
     gc.collect()
 
@@ -301,6 +400,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size of every row (8)")
     parser.add_argument("--cases", default=",".join(case_names()),
                         help="comma-separated zoo cases (default: all)")
+    parser.add_argument("--only-step-kinds", action="store_true",
+                        help="only the step-kind table (hf, hf_trainer, lightning, ...)")
     args = parser.parse_args()
 
     runner = ForkRunner()  # before any torch op runs here
@@ -321,12 +422,16 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
 
     precisions = ["fp32"] if args.quick else ["fp32", "bf16", "fp16"]
     segments = [0, 2]
-    names = [n for n in args.cases.split(",") if n]
+    names = [] if args.only_step_kinds else [n for n in args.cases.split(",") if n]
     out("# bench_estimate: predicted vs measured peak of one training step")
     out()
     out(machine_line())
-    out(f"rows: {', '.join(names)} x {'/'.join(precisions)} x segments {segments}, "
-        f"batch {args.batch}; measured over {MEASURE_STEPS} real steps; MiB = 2**20 bytes")
+    if names:
+        out(f"rows: {', '.join(names)} x {'/'.join(precisions)} x segments {segments}, "
+            f"batch {args.batch}; measured over {MEASURE_STEPS} real steps; MiB = 2**20 bytes")
+    else:
+        out(f"only the step-kind rows (--only-step-kinds): x {'/'.join(precisions)}, batch "
+            f"{args.batch}; measured over {MEASURE_STEPS} real steps; MiB = 2**20 bytes")
     out()
 
     # warm the fake-tensor machinery once so the first row's trace time is not the cold start
@@ -374,13 +479,17 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
                       f"{fmt_mib(real['profiler_peak'])} (real step {real['step_s']:.2f} s)",
                       flush=True)
     print(flush=True)
-    out(markdown_table(header, rows))
-    out()
-    out("peak phase: predicted/measured phase of the peak. err: (predicted - measured) / measured.")
-    out()
+    if names:
+        out(markdown_table(header, rows))
+        out()
+        out("peak phase: predicted/measured phase of the peak. err: (predicted - measured) / measured.")
+        out()
+
+    # ---- step kinds
+    kind_errs = _run_step_kinds(args, runner, out, precisions)
 
     # ---- shipped configs
-    configs = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
+    configs = [] if args.only_step_kinds else sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
     cfg_rows = []
     cfg_summary = []
     for path in configs:
@@ -396,25 +505,158 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
                            + (f" ({r['params'] / 1e9:.2f}B params, predicted "
                               f"{r['peak'] / 2**30:.1f} GiB, peak RSS {r['rss'] / 2**20:.0f} MiB)"
                               if r["params"] > 1e9 else ""))
-    out("## estimate time per shipped config (batch = search.batch_size.min)")
-    out()
-    out(markdown_table(["config", "candidate", "model", "params", "predicted MiB", "cold s",
-                        "warm s", "peak RSS MiB"], cfg_rows))
-    out()
-    out("cold: first estimate in a fresh process (torch and autofit imported); warm: second call. "
-        "peak RSS: ru_maxrss of that process (it never allocates the predicted bytes).")
-    out()
+    if configs:
+        out("## estimate time per shipped config (batch = search.batch_size.min)")
+        out()
+        out(markdown_table(["config", "candidate", "model", "params", "predicted MiB", "cold s",
+                            "warm s", "peak RSS MiB"], cfg_rows))
+        out()
+        out("cold: first estimate in a fresh process (torch and autofit imported); warm: second "
+            "call. peak RSS: ru_maxrss of that process (it never allocates the predicted bytes).")
+        out()
 
     def mx(values: list[float]) -> str:
         return f"{max(abs(v) for v in values):.2f}%" if values else "-"
 
+    kinds_line = (f"step kinds: {len(kind_errs['tracker'])} rows, max |error| vs tracker "
+                  f"{mx(kind_errs['tracker'])}, vs profiler {mx(kind_errs['profiler'])}; "
+                  f"{sum(abs(v) < 3.0 for v in kind_errs['tracker'])}/{len(kind_errs['tracker'])} "
+                  "within 3%")
+    if not names:
+        out(f"summary: {kinds_line}")
+        return
     mean_naive = sum(abs(v) for v in errs_naive) / len(errs_naive) if errs_naive else float("nan")
     out(f"summary: {len(rows)} rows; max |error| vs tracker {mx(errs_tracker)}, "
         f"vs profiler {mx(errs_prof)}; naive formula mean |error| {mean_naive:.1f}% "
         f"(max {mx(errs_naive)}); trace time per row median "
         f"{sorted(trace_times)[len(trace_times) // 2] if trace_times else float('nan'):.2f} s "
-        f"(first trace in this process {cold_first:.2f} s); estimate cold/warm per config: "
-        + "; ".join(cfg_summary))
+        f"(first trace in this process {cold_first:.2f} s); {kinds_line}; estimate cold/warm "
+        "per config: " + "; ".join(cfg_summary))
+
+
+STEP_KIND_CONFIGS = {"hf_gpt2": "configs/hf_gpt2.yaml", "hf_bert": "configs/hf_bert.yaml",
+                     "lightning": "configs/lightning.yaml"}
+
+
+def step_kind_rows() -> list[dict[str, Any]]:
+    """The step-kind rows: label, the kind expected, the spec dict, its source, or why skipped."""
+    import importlib.util
+
+    import yaml
+
+    def config(name: str) -> tuple[dict[str, Any], str]:
+        path = ROOT / STEP_KIND_CONFIGS[name]
+        return yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
+
+    missing = {mod: f"{mod} is not installed (pip install {mod})"
+               for mod in ("transformers", "lightning") if importlib.util.find_spec(mod) is None}
+    rows: list[dict[str, Any]] = []
+    for name, needs in (("hf_gpt2", "transformers"), ("hf_bert", "transformers"),
+                        ("lightning", "lightning")):
+        if needs in missing:
+            rows.append({"case": name, "kind": "-", "skip": missing[needs]})
+            continue
+        raw, source = config(name)
+        if name == "hf_gpt2":
+            rows.append({"case": name, "kind": "hf", "raw": raw, "source": source})
+            rows.append({"case": name, "kind": "hf_trainer", "raw": {**raw, "step": "hf_trainer"},
+                         "source": source})
+        elif name == "hf_bert":
+            held = {k: v for k, v in raw.items() if k != "step"}
+            rows.append({"case": name, "kind": "hf", "raw": held, "source": source})
+            rows.append({"case": name, "kind": "hf_trainer", "raw": raw, "source": source})
+        else:
+            rows.append({"case": name, "kind": "lightning", "raw": raw, "source": source})
+            manual = {**raw, "model": {**raw["model"],
+                                       "class_path": "bench_estimate.LitClassifierManual"}}
+            rows.append({"case": "lightning (manual)", "kind": "lightning_manual", "raw": manual,
+                         "source": source})
+    resnet = with_budget(case("resnet"), "64MiB")
+    rows.append({"case": "resnet", "kind": "custom",
+                 "raw": {**resnet, "step": "bench_estimate.clip_ema_accum"}, "source": "<resnet>"})
+    rows.append({"case": "resnet", "kind": "custom_forward",
+                 "raw": {**resnet, "step": "bench_estimate.smoothed_forward"},
+                 "source": "<resnet>"})
+    return rows
+
+
+def _run_step_kinds(args: argparse.Namespace, runner: ForkRunner, out: Report,
+                    precisions: list[str]) -> dict[str, list[float]]:
+    """The step-kind table: predicted vs measured for every step kind but autofit's own."""
+    from autofit.candidate import Candidate
+    from autofit.predict import CPU, estimate
+    from autofit.spec import spec_from_dict
+
+    header = ["config", "step kind", "prec", "batch", "predicted MiB", "tracker MiB", "err",
+              "profiler MiB", "err vs prof", "trace s", "peak phase"]
+    rows: list[list[Any]] = []
+    errs: dict[str, list[float]] = {"tracker": [], "profiler": []}
+    measured: dict[tuple[str, str, str], tuple[int, int]] = {}
+    skipped: list[str] = []
+    for item in step_kind_rows():
+        if "skip" in item:
+            skipped.append(f"{item['case']}: skipped, {item['skip']}")
+            print(f"  {item['case']}: skipped, {item['skip']}", flush=True)
+            continue
+        spec = spec_from_dict(item["raw"], item["source"])
+        for precision in precisions:
+            cand = Candidate(batch_size=args.batch, input_size=spec.default_input_size,
+                             precision=precision, checkpoint_segments=0)
+            try:
+                est = estimate(spec, cand, CPU)
+                real = runner.call(measure_real, item["raw"], cand.to_dict(), MEASURE_STEPS,
+                                   item["source"])
+            except Exception as exc:  # noqa: BLE001 - reported in the table's notes
+                line = f"{item['case']} {item['kind']} {precision}: failed: {str(exc).splitlines()[0]}"
+                skipped.append(line)
+                print(f"  {line}", flush=True)
+                continue
+            kind = real["step_kind"]
+            e_t = err_pct(est.peak_bytes, real["tracker_peak"])
+            e_p = err_pct(est.peak_bytes, real["profiler_peak"])
+            errs["tracker"].append(e_t)
+            errs["profiler"].append(e_p)
+            measured[(item["case"], kind, precision)] = (est.peak_bytes, real["tracker_peak"])
+            rows.append([item["case"], kind if kind == item["kind"] else f"{kind} (expected "
+                         f"{item['kind']})", precision, args.batch, fmt_mib(est.peak_bytes),
+                         fmt_mib(real["tracker_peak"]), f"{e_t:+.2f}%",
+                         fmt_mib(real["profiler_peak"]), f"{e_p:+.2f}%", f"{est.trace_time_s:.2f}",
+                         f"{est.breakdown.peak_phase}/{real['tracker_phase']}"])
+            print(f"  {item['case']:9s} {kind:16s} {precision}: predicted "
+                  f"{fmt_mib(est.peak_bytes)} MiB, tracker {fmt_mib(real['tracker_peak'])}, "
+                  f"profiler {fmt_mib(real['profiler_peak'])} (real step {real['step_s']:.2f} s)",
+                  flush=True)
+    out("## step kinds: predicted vs measured for each training step autofit proves")
+    out()
+    if rows:
+        out(markdown_table(header, rows))
+        out()
+    for line in skipped:
+        out(f"- {line}")
+    if skipped:
+        out()
+    out("tracker: MemoryTracker over the step kind's real TrainingJob.run_step (what the CPU "
+        "trials measure), in a forked process; err: (predicted - tracker) / tracker.")
+    out()
+    pairs = []
+    for (name, kind, precision), (pred_held, real_held) in measured.items():
+        if kind != "hf" or (name, "hf_trainer", precision) not in measured:
+            continue
+        pred_freed, real_freed = measured[(name, "hf_trainer", precision)]
+        diff = real_held - real_freed
+        pairs.append(f"- {name} {precision}, batch {args.batch}: output held (hf) "
+                     f"{fmt_mib(real_held)} MiB vs freed (hf_trainer) {fmt_mib(real_freed)} MiB "
+                     f"measured: holding the output costs {diff / 2**20:+.2f} MiB "
+                     f"({err_pct(real_held, real_freed):+.1f}% over the freed step's peak); "
+                     f"predicted {fmt_mib(pred_held)} vs {fmt_mib(pred_freed)} MiB "
+                     f"({(pred_held - pred_freed) / 2**20:+.2f} MiB)")
+    if pairs:
+        out("output held vs freed (the same model, hf vs hf_trainer step):")
+        out()
+        for line in pairs:
+            out(line)
+        out()
+    return errs
 
 
 if __name__ == "__main__":
