@@ -206,22 +206,20 @@ def _wait(procs: list[subprocess.Popen[bytes]], folder: Path, timeout_s: float,
           started: float) -> tuple[TrialStatus | None, str]:
     """Until every rank has written its result, one has failed, died, or time ran out."""
     while True:
-        done = 0
+        # deaths first: a dead rank's peers then fail in their next collective, and that
+        # failure is the consequence, not the cause
         for rank, proc in enumerate(procs):
-            data = _read(folder / f"rank{rank}.json")
-            if data is not None:
-                done += 1
-                if data.get("status") in FAILED:
-                    return None, ""  # its peers may hang in a collective: stop them
-                continue
             code = proc.poll()
-            if code is not None:
+            if code is not None and _read(folder / f"rank{rank}.json") is None:
                 why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 tail = _tail(folder / f"rank{rank}.log")
                 return TrialStatus.CRASHED, (f"rank {rank} of {len(procs)} {why} without a "
                                              f"result; the group was killed"
                                              + (f"; last output: {tail}" if tail else ""))
-        if done == len(procs):
+        results = [_read(folder / f"rank{rank}.json") for rank in range(len(procs))]
+        if any(r is not None and r.get("status") in FAILED for r in results):
+            return None, ""  # its peers may hang in a collective: stop them
+        if all(r is not None for r in results):
             return None, ""
         if time.perf_counter() - started > timeout_s:
             return TrialStatus.TIMEOUT, (f"no result from every rank within {timeout_s:g} s; "

@@ -1,0 +1,150 @@
+"""Data parallelism (issue 15): the parallel spec section, per-rank prediction on a fake
+process group (FSDP2) and by the bucket model (DDP), checked against real 2-rank gloo runs,
+and 2-rank trials whose ranks fail one at a time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from autofit.candidate import Candidate
+from autofit.errors import SpecError
+from autofit.parallel import RankPlan, ddp_bucket_bytes, deepspeed_zero_bytes
+from autofit.predict.device_model import CPU
+from autofit.predict.distributed import estimate_rank
+from autofit.spec import spec_from_dict
+from autofit.trials.ranks import run_rank_trial
+from autofit.trials.result import TrialStatus
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+GPT = {"_target_": "autofit.zoo.gpt", "vocab_size": 128, "block_size": 32, "n_layer": 2,
+       "n_head": 2, "n_embd": 32}
+TOKENS = {"kind": "tokens", "vocab_size": 128, "seq_len": 32}
+
+
+def gpt_spec(parallel: dict, **extra) -> object:
+    return spec_from_dict({"model": GPT, "data": TOKENS, "parallel": parallel,
+                           "search": {"steps_per_trial": 1}, **extra})
+
+
+def tiny_spec(model: str, strategy: str = "ddp") -> object:
+    return spec_from_dict({"model": {"_target_": model}, "data": {"kind": "tensor", "shape": [16]},
+                           "loss": "mse", "parallel": {"strategy": strategy, "world_size": 2},
+                           "search": {"steps_per_trial": 1}})
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def test_parallel_defaults_and_world_size_from_output():
+    spec = spec_from_dict({"model": GPT, "data": TOKENS,
+                           "output": {"nodes": 2, "gpus_per_node": 4}})
+    assert spec.parallel.strategy == "none"
+    assert spec.world_size == 8
+    spec = gpt_spec({"strategy": ["ddp", "fsdp"], "world_size": 3,
+                     "fsdp": {"reshard_after_forward": False,
+                              "mixed_precision": {"param_dtype": "bfloat16"}},
+                     "ddp": {"gradient_as_bucket_view": True}})
+    par = spec.parallel
+    assert par.strategies == ("ddp", "fsdp") and spec.world_size == 3
+    assert par.param_dtype == "bf16" and not par.reshard_after_forward
+    assert par.gradient_as_bucket_view
+
+
+def test_parallel_errors_are_one_line_each():
+    with pytest.raises(SpecError) as info:
+        gpt_spec({"strategy": "fsdq", "world_size": 0,
+                  "fsdp": {"reshard_after_forward": "yes",
+                           "mixed_precision": {"reduce_dtype": "int8"}},
+                  "ddp": {"bucket": 1}})
+    text = str(info.value)
+    for expected in ("parallel.strategy: must be one of none, ddp, fsdp, got 'fsdq'; did you mean 'fsdp'?",
+                     "parallel.world_size: must be >= 1, got 0",
+                     "parallel.fsdp.reshard_after_forward: must be true or false",
+                     "parallel.fsdp.mixed_precision.reduce_dtype: must be one of fp32, bf16, fp16",
+                     "parallel.ddp.bucket: unknown key"):
+        assert expected in text
+    assert len(info.value.problems if hasattr(info.value, "problems") else text.splitlines()) >= 5
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def test_fsdp_shards_with_world_size(one_thread):
+    """Sharded parameter bytes per rank fall as 1/N; the per-rank peak falls with N."""
+    cand = Candidate(batch_size=2, input_size=32)
+    peaks, sharded = {}, {}
+    for n in (1, 2, 4):
+        est = estimate_rank(gpt_spec({"strategy": "fsdp", "world_size": n}), cand, CPU)
+        peaks[n], sharded[n] = est.peak_bytes, est.rank_bytes["sharded_params"]
+        assert est.world_size == n and est.strategy == "fsdp"
+    assert sharded[2] <= sharded[1] / 2 + 4096 and sharded[4] <= sharded[1] / 4 + 4096
+    assert peaks[1] > peaks[2] > peaks[4]
+
+
+def test_ddp_bucket_model(one_thread):
+    """DDP = the single-process trace + 1x the parameter bytes, alive throughout; with bucket
+    views the gradients live in the buckets (no more than the plain DDP peak)."""
+    cand = Candidate(batch_size=2, input_size=32)
+    single = estimate_rank(gpt_spec({"strategy": "none"}), cand, CPU,
+                           RankPlan(strategy="none", world_size=1))
+    ddp = estimate_rank(gpt_spec({"strategy": "ddp", "world_size": 2}), cand, CPU)
+    view = estimate_rank(gpt_spec({"strategy": "ddp", "world_size": 2,
+                                   "ddp": {"gradient_as_bucket_view": True}}), cand, CPU)
+    model = torch.nn.Linear(3, 5)
+    assert ddp_bucket_bytes(model) == (3 * 5 + 5) * 4
+    buckets = ddp.rank_bytes["ddp_buckets"]
+    assert buckets == single.param_count * 4
+    assert ddp.peak_bytes == single.breakdown.peak_bytes + buckets
+    assert single.breakdown.peak_bytes <= view.peak_bytes <= ddp.peak_bytes
+
+
+@pytest.mark.parametrize("strategy,precision,segments", [("fsdp", "fp32", 0), ("fsdp", "bf16", 2),
+                                                         ("ddp", "fp32", 2)])
+def test_prediction_matches_real_two_rank_gloo(one_thread, strategy, precision, segments):
+    """Fake-PG / bucket-model prediction within 3% of a real 2-rank gloo run (per rank,
+    from the second step on), for every rank."""
+    spec = gpt_spec({"strategy": strategy, "world_size": 2})
+    cand = Candidate(batch_size=4, input_size=32, precision=precision,
+                     checkpoint_segments=segments)
+    predicted = estimate_rank(spec, cand, CPU).peak_bytes
+    result = run_rank_trial(spec, cand, timeout_s=120)
+    assert result.status is TrialStatus.FITS, result.message
+    measured = result.extra["rank_peaks_from_step"]
+    assert len(measured) == 2
+    for peak in measured:
+        assert abs(predicted / peak - 1) < 0.03, (predicted, measured)
+    assert result.extra["rank_status"] == ["fits", "fits"]
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def test_oom_on_one_rank_is_oom():
+    result = run_rank_trial(tiny_spec("rank_faults.HugeOnRank1"), Candidate(batch_size=2, input_size=0),
+                            limit_bytes=16 * 2**20, timeout_s=60)
+    assert result.status is TrialStatus.OOM, result.message
+    assert result.message.startswith("rank 1:")
+
+
+def test_dead_rank_is_crashed_and_kills_the_group():
+    result = run_rank_trial(tiny_spec("rank_faults.DiesOnRank1"), Candidate(batch_size=2, input_size=0),
+                            timeout_s=60)
+    assert result.status is TrialStatus.CRASHED
+    assert "rank 1 of 2 exited with code 3" in result.message
+    assert result.wall_time_s < 50
+
+
+def test_hung_rank_is_timeout():
+    result = run_rank_trial(tiny_spec("rank_faults.HangsOnRank1", "fsdp"),
+                            Candidate(batch_size=2, input_size=0), timeout_s=8)
+    assert result.status is TrialStatus.TIMEOUT
+    assert "killed" in result.message
+
+
+def test_deepspeed_formula():
+    assert deepspeed_zero_bytes(10**9, 8, 3) == 18 * 10**9 // 8
+    assert deepspeed_zero_bytes(10**9, 8, 2) == 2 * 10**9 + 16 * 10**9 // 8
