@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned: an open range in an empty venv would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${AUTOFIT_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,postgres]'
 exec .venv/bin/python -m pytest -m "not gpu" "$@"

@@ -286,6 +286,22 @@ def test_different_spec_refused_while_working(tmp_path: Path, one_thread: None) 
         open_worker_study(spec_from_dict(other), url, create=True, say=lambda m: None)
 
 
+def test_worker_with_another_limit_refused(tmp_path: Path, one_thread: None) -> None:
+    """A worker whose memory limit differs from the study's (another GPU type) must not mix
+    its measurements in."""
+    from autofit.errors import AutofitError
+    from autofit.search.workers import LIMIT_ATTR, open_worker_study, run_worker
+    from autofit.spec import spec_from_dict
+
+    spec = spec_from_dict(spec_raw("limits"))
+    url = f"journal:{tmp_path / 's.journal'}"
+    study, _ = open_worker_study(spec, url, create=True, say=lambda m: None)
+    study.set_user_attr(LIMIT_ATTR, {"limit_bytes": 123, "device": "A100"})
+    study.set_user_attr("autofit_queued", 0)
+    with pytest.raises(AutofitError, match="measures under 123 bytes .A100.; this worker's limit"):
+        run_worker(spec, url, runner=landscape.Landscape())
+
+
 def test_unreachable_storage_is_one_line() -> None:
     """A server that is not there: one line, the password hidden, exit 2, no traceback."""
     url = f"postgresql+psycopg://autofit:s3cret@127.0.0.1:{_free_port()}/nodb"
@@ -369,6 +385,25 @@ def test_tune_workers_on_this_host(tmp_path: Path) -> None:
     # measured every setting before w1 had started: the trials here take 0.1 s)
     assert "[w1] " in done.stdout and "[w1] exited" not in done.stdout
     assert all(t.state.name == "PRUNED" for t in study.trials if WORK_ATTR in t.user_attrs)
+
+
+def test_readme_cluster_forms_are_valid_bash() -> None:
+    """The README's Slurm array is examples/slurm_workers.sh, and both it and the throwaway
+    PostgreSQL script parse (``bash -n``); the one-host form runs in the test above."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Many GPUs and clusters", 1)[1].split("\n## ", 1)[0]
+    script = (ROOT / "examples" / "slurm_workers.sh").read_text()
+    assert script.strip() in section
+    for path in (ROOT / "examples" / "slurm_workers.sh", ROOT / "scripts" / "throwaway_postgres.sh"):
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    for block in blocks:
+        done = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
+        assert done.returncode == 0, (block, done.stderr)
+    commands = {line.split()[1] for b in blocks for line in b.splitlines()
+                if line.startswith("autofit ")}
+    assert commands <= {"tune", "worker", "results"}, commands
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

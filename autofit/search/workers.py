@@ -49,6 +49,8 @@ QUEUED_ATTR = "autofit_queued"
 """Study user attr: the work items are all enqueued (their count)."""
 TARGETS_ATTR = "autofit_targets"
 """Study user attr: the target configs the finishing worker wrote (verified on its device)."""
+LIMIT_ATTR = "autofit_limit"
+"""Study user attr: the memory limit (and device) every worker of the study measures under."""
 LEASE_PREFIX = "autofit_lease:"
 """Study user attr per claimed work item: who holds it, and when it was last renewed."""
 
@@ -580,12 +582,15 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
     search.summaries = {st: SettingSummary(st, p.batch_size) for st, p in search.predictions.items()}
     queue = WorkQueue(study, worker_id, lease_s, search.say)
     if created:
+        _same_limit(study, plan, created)
         retry(lambda: queue.enqueue(work_order(search, settings)), "queuing the work")
         search.say(f"created the study {study.study_name} and queued "
                    f"{len(work_order(search, settings))} setting(s)")
     item: Item | None = None
     try:
         _wait_queued(queue, lease_s, poll_s)
+        if not created:
+            _same_limit(study, plan, created)
         if assemble_only:
             pending = queue.pending("setting") + queue.pending("finish")
             if pending:
@@ -628,6 +633,21 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
         if item is not None:
             queue.release(item)
         raise TuneFailed(exc, _partial(search)) from exc
+
+
+def _same_limit(study: Any, plan: Any, created: bool) -> None:
+    """Every worker of a study measures under the same limit: the first one's."""
+    mine = {"limit_bytes": plan.limit_bytes, "device": str(plan.device_info.get("name"))}
+    if created:
+        retry(lambda: study.set_user_attr(LIMIT_ATTR, mine), "recording the limit")
+        return
+    theirs = retry(lambda: study.user_attrs, "reading the study").get(LIMIT_ATTR)
+    if theirs is not None and int(theirs["limit_bytes"]) != plan.limit_bytes:
+        raise AutofitError(
+            f"the study {study.study_name} measures under {theirs['limit_bytes']} bytes "
+            f"({theirs['device']}); this worker's limit is {plan.limit_bytes} bytes "
+            f"({mine['device']}): workers of one study need the same memory limit (set "
+            f"memory.budget, or give each GPU type its own spec name)")
 
 
 def _wait_queued(queue: WorkQueue, lease_s: float, poll_s: float) -> None:

@@ -1,0 +1,149 @@
+"""Benchmark: one multi-setting CPU search with 1 and 2 workers on PostgreSQL, 1 on a journal.
+
+Usage::
+
+    python scripts/bench_parallel.py                 # starts a throwaway PostgreSQL cluster
+    python scripts/bench_parallel.py --storage URL   # an existing server (a fresh database)
+    python scripts/bench_parallel.py --markdown out/bench_parallel.md
+
+The search: an MLP (256 -> 4 x 768 -> 16) under an emulated 96 MiB device, precision
+[fp32, bf16] x checkpoint segments [0, 2], objective max_batch, 2 timed steps a trial.
+Trials of ~1-3 s each dominate it. Each row is one ``autofit tune`` command, timed as a
+subprocess from start to results.json, in its own output dir (no trace cache shared):
+
+* ``tune``: the single-process search (journal), the reference answer;
+* ``journal x1``: ``tune --workers 1`` on the journal file in the output dir;
+* ``postgres x1`` / ``postgres x2``: ``tune --workers N --storage URL``.
+
+Columns: wall time, real trials (measured trials in the study), duplicate trials (the same
+candidate and steps measured twice: must be 0), the answer (must be the same in every row).
+Every process runs with ``OMP_NUM_THREADS=1``: a worker is one core, as a GPU worker is one
+device (with more threads a single CPU worker already spreads each trial over the cores, and a
+second worker has nothing left to use). Each run's output is kept in ``<dir>/tune.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = {
+    "name": "bench-parallel",
+    "model": {"_target_": "autofit.zoo.mlp", "in_features": 256, "hidden": 768, "depth": 4,
+              "out_features": 16},
+    "data": {"kind": "tensor", "shape": [256], "num_classes": 16},
+    "device": "cpu",
+    "memory": {"budget": "96MiB", "margin": 0.10},
+    "search": {"precision": ["fp32", "bf16"], "checkpoint_segments": [0, 2],
+               "steps_per_trial": 2, "verify_steps": 3},
+}
+
+
+def run(label: str, args: list[str], out: Path, url: str, spec_path: Path) -> dict:
+    from autofit.search.workers import duplicates, measured_trials, open_storage, study_name
+    from autofit.spec import load_spec
+
+    import optuna
+
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTOFIT_CACHE_DIR", "OMP_NUM_THREADS")}
+    env["OMP_NUM_THREADS"] = "1"  # a worker is one core, as a GPU worker is one device
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "autofit.cli", "tune", str(spec_path), "--out",
+                           str(out), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    (out / "tune.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"{label}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    best = json.loads((out / "results.json").read_text())["best"]
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=study_name(load_spec(spec_path)), storage=storage)
+    return {"label": label, "wall_s": wall, "trials": len(measured_trials(study)),
+            "duplicates": duplicates(study),
+            "answer": f"batch={best['batch_size']} {best['precision']} "
+                      f"ckpt={best['checkpoint_segments']}"}
+
+
+def start_postgres(base: Path) -> tuple[str, Path]:
+    script = ROOT / "scripts" / "throwaway_postgres.sh"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = subprocess.run(["bash", str(script), "start", str(base), str(port)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    return url, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", help="an existing PostgreSQL URL (default: a throwaway one)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--keep", action="store_true", help="keep the output dirs and logs")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="autofit-bench-parallel-"))
+    spec_path = work / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    pg_dir = None
+    url = args.storage
+    if url is None:
+        pg_dir = Path(tempfile.mkdtemp(prefix="autofit-bench-pg-"))
+        url, _ = start_postgres(pg_dir)
+    import optuna
+
+    from autofit.search.workers import open_storage
+
+    rows = []
+    try:
+        rows.append(run("tune", [], work / "seq", f"journal:{work / 'seq' / 'study.journal'}",
+                        spec_path))
+        rows.append(run("journal x1", ["--workers", "1"], work / "j1",
+                        f"journal:{work / 'j1' / 'study.journal'}", spec_path))
+        for n in (1, 2):
+            storage = open_storage(url)
+            for name in optuna.get_all_study_names(storage):  # each row starts empty
+                optuna.delete_study(study_name=name, storage=storage)
+            rows.append(run(f"postgres x{n}", ["--workers", str(n), "--storage", url],
+                            work / f"pg{n}", url, spec_path))
+            print(rows[-1], flush=True)
+    finally:
+        if pg_dir is not None:
+            subprocess.run(["bash", str(ROOT / "scripts" / "throwaway_postgres.sh"), "stop",
+                            str(pg_dir)], check=False)
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    base = rows[0]["wall_s"]
+    load = os.getloadavg()[0]
+    lines = [f"CPU cores: {os.cpu_count()} (load average {load:.1f} at the end); search: 4 "
+             f"settings, max_batch, real trials, OMP_NUM_THREADS=1 per worker; {work}",
+             "", "| run | wall s | speed-up vs tune | real trials | duplicates | answer |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | "
+                     f"{r['trials']} | {r['duplicates']} | {r['answer']} |")
+    same = len({r["answer"] for r in rows}) == 1
+    dups = sum(r["duplicates"] for r in rows)
+    lines += ["", f"answers identical: {'yes' if same else 'NO'}; duplicate trials: {dups}",
+              f"postgres x2 vs x1: {rows[2]['wall_s'] / rows[3]['wall_s']:.2f}x"]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+    if not same or dups:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
