@@ -277,3 +277,42 @@ def test_tune_calibrates_on_its_first_fit_and_keeps_it(tmp_path, one_thread) -> 
     assert "calibration" in result.to_dict()
     kept = C.load_for(spec, tmp_path)  # what --resume and later estimates read
     assert kept.to_dict() == result.calibration
+
+
+# ------------------------------------------------------------------ CUDA-native traces
+def test_cuda_targets_fall_back_to_fake_cpu_tensors_without_a_cuda_build(monkeypatch) -> None:
+    from autofit.predict import cuda_native
+    from autofit.predict.device_model import CUDA_DEFAULT
+
+    assert cuda_native.trace_device(CPU).type == "cpu"
+    monkeypatch.setenv(cuda_native.ENV, "native")
+    expected = "cuda" if cuda_native.cuda_build() else "cpu"  # never forced on a CPU build
+    assert cuda_native.trace_device(CUDA_DEFAULT).type == expected
+    monkeypatch.setenv(cuda_native.ENV, "cpu")
+    assert cuda_native.trace_device(CUDA_DEFAULT).type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_native_trace_matches_max_memory_allocated(precision: str) -> None:
+    from autofit.predict import cuda_native
+    from autofit.predict.device_model import device_model_for
+    from autofit.trials import run_trial
+
+    raw = {"name": "gpu-gpt", "model": {"_target_": "autofit.zoo.gpt", "n_layer": 4,
+                                        "n_embd": 256, "n_head": 4, "vocab_size": 4096,
+                                        "block_size": 256},
+           "data": {"kind": "tokens", "vocab_size": 4096, "seq_len": 256}, "device": "cuda",
+           "search": {"steps_per_trial": 2}}
+    spec = spec_from_dict(raw)
+    model = device_model_for("cuda", torch.cuda.get_device_name())
+    assert cuda_native.trace_device(model).type == "cuda"
+    cand = Candidate(batch_size=16, input_size=256, precision=precision)
+    tracker, _, _ = trace(spec, cand, model)
+    assert any("flash" in k or "efficient" in k or "cudnn" in k
+               for k in tracker.op_log) or precision == "fp32"  # the GPU's attention kernel
+    result = run_trial(spec, cand, device="cuda")
+    assert result.fits, result.message
+    predicted = estimate(spec, cand, model)
+    assert abs(_error(predicted.allocated_bytes, result.memory.peak_bytes)) < 0.05

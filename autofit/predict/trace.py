@@ -9,6 +9,7 @@ returns a ``MemoryEstimate``: the traced breakdown plus the device model's view 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from autofit.choices import Phase
 from autofit.errors import AutofitError, BuildError
 from autofit.memory import MemoryBreakdown, MemoryTracker, ModuleRecord, PhaseHooks
 from autofit.predict import cache as trace_cache
+from autofit.predict.cuda_native import trace_device
 from autofit.predict.device_model import DeviceModel
 from autofit.spec import ExperimentSpec
 from autofit.step import TrainingJob
@@ -163,8 +165,9 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     """Run ``steps`` training steps on fake CPU tensors under a tracker.
 
     Returns the tracker, the parameter count and the wall time. CUDA targets are traced on
-    fake *CPU* tensors (a CPU build cannot run fake CUDA backward) with the CUDA optimizer
-    choice (foreach) and 512 B block rounding. ``corrections`` (``aten.op#i`` -> bytes per new
+    fake CUDA tensors where this torch can (``cuda_native``), else on fake *CPU* tensors (a
+    CPU build cannot run fake CUDA backward) with the CUDA optimizer choice (foreach); both
+    with 512 B block rounding. ``corrections`` (``aten.op#i`` -> bytes per new
     storage) are a probe calibration's (``predict.calibrate``).
     """
     start = time.perf_counter()
@@ -174,7 +177,7 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     job: TrainingJob | None = None
     try:
         with _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True):
-            job = TrainingJob(spec, candidate, torch.device("cpu"), fake=True, hooks=hooks,
+            job = TrainingJob(spec, candidate, trace_device(model), fake=True, hooks=hooks,
                               target_kind=model.kind)
             for tensor in job.parameters_and_buffers():
                 tracker.track(tensor, "params")
@@ -238,8 +241,9 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     calibration = applied_for(spec, candidate, model.kind)
     cache = None if per_layer else trace_cache.active()
     key = cache.key(spec, candidate, model) if cache is not None else ""
-    if cache is not None and calibration is not None:  # corrected traces are kept apart
-        key = f"{key[:16]}{calibration.digest}"
+    tags = (calibration.digest if calibration else "") + trace_device(model).type
+    if cache is not None and tags != "cpu":  # corrected and CUDA-native traces are kept apart
+        key = f"{key[:16]}{hashlib.sha256(tags.encode()).hexdigest()[:16]}"
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
