@@ -96,6 +96,14 @@ def estimate(
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
                    per_layer, plan.notes)
+    if result.max_batch is not None and result.max_batch.batch_size == 0:
+        from autofit.api import as_spec
+        from autofit.predict.distributed import sharding_line
+
+        line = sharding_line(as_spec(spec_path), result.estimate.candidate, plan.device_model,
+                             plan.limit_bytes)
+        if line:
+            out.print(line, markup=False)
     for line in result.calibration:
         out.print(f"calibration: {line}", markup=False)
     if (line := cache_line(result.cache)) is not None:

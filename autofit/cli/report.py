@@ -54,6 +54,11 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
     c = est.candidate
     console.print(f"[bold]estimate[/bold] {c.label()} on {est.device_kind} "
                   f"({est.param_count:,} parameters, traced in {est.trace_time_s:.2f} s)")
+    if getattr(est, "strategy", "none") != "none":  # autofit.predict.distributed.RankEstimate
+        extras = ", ".join(f"{k.replace('_', ' ')} {format_binary(v)}"
+                           for k, v in est.rank_bytes.items())
+        console.print(f"per rank: {est.strategy} over {est.world_size} ranks"
+                      + (f" ({extras})" if extras else ""), markup=False)
     console.print(breakdown_table(est.breakdown, "predicted memory at the peak", limit_bytes))
     if est.device_kind == "cuda":
         console.print(f"predicted max_memory_allocated {format_bytes(est.allocated_bytes)}, "

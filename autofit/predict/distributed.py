@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -162,3 +162,32 @@ def estimate_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel
         trace_time_s=seconds, param_count=params, uses_blas=tracker.uses_blas,
         segment_peaks=segment_peaks(tracker), strategy=plan.strategy,
         world_size=plan.world_size, rank_bytes=rank)
+
+
+def ranks_needed(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+                 limit_bytes: int, *, max_world_size: int = 1024) -> int | None:
+    """The smallest world size (a power of two) at which one fsdp rank fits ``candidate``
+    under ``limit_bytes``; None when none up to ``max_world_size`` does."""
+    n = 2
+    while n <= max_world_size:
+        plan = replace(RankPlan.from_spec(spec), strategy="fsdp", world_size=n)
+        if estimate_rank(spec, candidate, model, plan).peak_bytes <= limit_bytes:
+            return n
+        n *= 2
+    return None
+
+
+def sharding_line(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+                  limit_bytes: int) -> str | None:
+    """"needs sharding over >=N ranks" when batch 1 does not fit one rank unsharded."""
+    one = candidate.with_batch(1)
+    if spec.parallel.strategy == "fsdp":
+        return None
+    plan = replace(RankPlan.from_spec(spec), world_size=max(1, spec.world_size))
+    if estimate_rank(spec, one, model, plan).peak_bytes <= limit_bytes:
+        return None
+    n = ranks_needed(spec, one, model, limit_bytes)
+    if n is None:
+        return "batch 1 does not fit one rank even with fsdp over 1024 ranks"
+    return (f"needs sharding over >={n} ranks: batch 1 does not fit one rank with strategy "
+            f"{plan.strategy}, and fits with fsdp at world size {n}")
