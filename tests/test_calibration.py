@@ -316,3 +316,26 @@ def test_cuda_native_trace_matches_max_memory_allocated(precision: str) -> None:
     assert result.fits, result.message
     predicted = estimate(spec, cand, model)
     assert abs(_error(predicted.allocated_bytes, result.memory.peak_bytes)) < 0.05
+
+
+# ------------------------------------------------------------------ autofit estimate --calibrate
+def test_estimate_calibrate_probes_prints_and_keeps_the_corrections(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from autofit.api import estimate as api_estimate
+
+    raw = {**LSTM_RAW, "output": {"dir": str(tmp_path / "out")},
+           "search": {"batch_size": {"min": 8, "max": 512}}}
+    plain = api_estimate(raw, max_batch=False, cache=False)
+    assert any(line.startswith("aten.mkldnn_rnn_layer: ") and "--calibrate" in line
+               for line in plain.calibration)  # named without a probe
+    probed = api_estimate(raw, max_batch=False, cache=False, calibrate=True)
+    assert probed.calibration[0].startswith("aten.mkldnn_rnn_layer (output 3): fake kernel "
+                                            "under-reports by")
+    assert probed.estimate.peak_bytes > plain.estimate.peak_bytes
+    assert (tmp_path / "out" / C.CALIBRATION_FILE).exists()
+    later = api_estimate(raw, max_batch=False, cache=False, batch_size=8)
+    assert later.estimate.peak_bytes == probed.estimate.peak_bytes
+    assert later.calibration[0].startswith("using the probe calibration in ")
+    assert later.to_dict()["calibration"] == later.calibration
+    changed = {**raw, "model": {**raw["model"], "dim": 96}}  # another model: not reused
+    assert not any(line.startswith("using") for line in
+                   api_estimate(changed, max_batch=False, cache=False).calibration)
