@@ -339,3 +339,26 @@ def test_estimate_calibrate_probes_prints_and_keeps_the_corrections(tmp_path, on
     changed = {**raw, "model": {**raw["model"], "dim": 96}}  # another model: not reused
     assert not any(line.startswith("using") for line in
                    api_estimate(changed, max_batch=False, cache=False).calibration)
+
+
+# ------------------------------------------------------------------ the allocator's reserve
+def test_reserve_is_calibrated_per_setting_from_the_probe(ws_spec, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from autofit.predict.device_model import CUDA_DEFAULT
+
+    probe = Candidate(batch_size=256, input_size=0)
+    tracker, _, _ = trace(ws_spec, probe, CUDA_DEFAULT)
+    allocated = CUDA_DEFAULT.allocated(tracker.peak_bytes, tracker.uses_blas)
+    reserved = int(allocated * 1.25)  # an allocator that holds a quarter more than it hands out
+    before = estimate(ws_spec, probe, CUDA_DEFAULT)
+    assert _error(before.reserved_bytes, reserved) < -0.05
+    store = C.CalibrationStore()
+    cal = C.calibrate(ws_spec, probe, CUDA_DEFAULT, dict(tracker.op_log), allocated, store,
+                      measured_reserved=reserved)
+    assert cal.reserve_ratio == pytest.approx(1.25, rel=1e-6)
+    assert any(m.startswith("allocator reserve at batch=256 fp32: measured 1.250 x")
+               for m in cal.messages)
+    with C.using(store):
+        after = estimate(ws_spec, probe, CUDA_DEFAULT)
+    assert abs(_error(after.reserved_bytes, reserved)) < 0.03
+    assert after.allocated_bytes == before.allocated_bytes  # nothing else was wrong
+    assert store.applied(ws_spec, probe, "cpu") is None  # a CUDA reserve says nothing of CPU

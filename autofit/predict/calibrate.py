@@ -163,6 +163,8 @@ class ProbeRecord:
     traced_bytes: int
     corrected_bytes: int
     """The prediction after op corrections (before the unexplained slope)."""
+    reserved_bytes: int | None = None
+    """CUDA: the probe's ``max_memory_reserved`` (None on CPU)."""
 
 
 @dataclass
@@ -175,6 +177,9 @@ class Calibration:
     """Bytes per unit of x the probes measured that no op explains (0: explained)."""
     probes: list[ProbeRecord] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    reserve_ratio: float = 0.0
+    """CUDA: measured reserved / allocated of this setting's probes (0: not measured); the
+    allocator's reserve per setting instead of the device model's global constants."""
 
     def corrections(self, x: int) -> dict[str, int]:
         return {op: c.bytes_per_call(x) for op, c in self.ops.items() if c.bytes_per_call(x)}
@@ -185,7 +190,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "ops": {k: asdict(v) for k, v in self.ops.items()},
-                "unexplained_slope": self.unexplained_slope,
+                "unexplained_slope": self.unexplained_slope, "reserve_ratio": self.reserve_ratio,
                 "probes": [asdict(p) for p in self.probes], "messages": list(self.messages)}
 
     @classmethod
@@ -197,6 +202,7 @@ class Calibration:
             ops[op] = OpCorrection(**raw)
         return cls(key=data["key"], ops=ops,
                    unexplained_slope=float(data.get("unexplained_slope", 0.0)),
+                   reserve_ratio=float(data.get("reserve_ratio", 0.0)),
                    probes=[ProbeRecord(**p) for p in data.get("probes", [])],
                    messages=list(data.get("messages", [])))
 
@@ -208,6 +214,12 @@ class Applied:
     corrections: dict[str, int]
     residual_bytes: int
     digest: str
+    reserve_ratio: float = 0.0
+
+    def reserved(self, allocated_bytes: int, model: DeviceModel) -> int:
+        """Predicted ``max_memory_reserved``: the probe's ratio, in whole segments."""
+        seg = max(1, model.segment_bytes)
+        return max(allocated_bytes, int(-(-allocated_bytes * self.reserve_ratio // seg) * seg))
 
 
 @dataclass
@@ -237,9 +249,10 @@ class CalibrationStore:
         x = x_of(spec, candidate)
         corrections = cal.corrections(x)
         residual = int(round(cal.unexplained_slope * x))
-        if not corrections and not residual:
+        ratio = cal.reserve_ratio if cal.key.endswith(f"/{device_kind}") else 0.0
+        if not corrections and not residual and not ratio:
             return None
-        return Applied(corrections, residual, cal.digest())
+        return Applied(corrections, residual, cal.digest(), ratio)
 
     def messages(self) -> list[str]:
         return [m for cal in self.calibrations.values() for m in cal.messages]
@@ -369,12 +382,13 @@ def _at_peak_by_op(tracker: Any) -> dict[str, int]:
 
 def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
               real_log: dict[str, list[int]], measured_bytes: int,
-              store: CalibrationStore | None = None) -> Calibration:
+              store: CalibrationStore | None = None,
+              measured_reserved: int | None = None) -> Calibration:
     """Compare a real run's allocation log with a trace of the same candidate, refit the
     setting's corrections (added to ``store`` when given) and return its calibration.
 
     ``measured_bytes`` is the run's peak as the device counts it (CPU: tracked live bytes;
-    CUDA: ``max_memory_allocated``).
+    CUDA: ``max_memory_allocated``; ``measured_reserved`` its ``max_memory_reserved``).
     """
     from autofit.predict.trace import TRACE_STEPS, trace
 
@@ -404,8 +418,17 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
         corrected_peak = traced_peak
     cal.probes = [p for p in cal.probes if p.x != x] + [ProbeRecord(
         candidate.batch_size, candidate.input_size, x, int(measured_bytes), int(traced_peak),
-        int(corrected_peak))]
+        int(corrected_peak), int(measured_reserved) if measured_reserved else None)]
     messages = [cal.ops[d.op].describe() for d in diffs]
+    reserved = [p for p in cal.probes if p.reserved_bytes and p.measured_bytes]
+    if model.kind == "cuda" and reserved:
+        cal.reserve_ratio = sum(p.reserved_bytes for p in reserved) \
+            / sum(p.measured_bytes for p in reserved)  # type: ignore[misc]
+        modelled = model.reserved(int(corrected_peak - model.allocated(0, tracker.uses_blas)),
+                                  tracker.uses_blas)
+        messages.append(f"allocator reserve at {candidate.label()}: measured "
+                        f"{cal.reserve_ratio:.3f} x allocated (device model: "
+                        f"{modelled / max(corrected_peak, 1):.3f} x); calibrated for this setting")
     error = (measured_bytes - corrected_peak) / measured_bytes if measured_bytes else 0.0
     label = candidate.label()
     if abs(error) > UNEXPLAINED_THRESHOLD:
@@ -434,7 +457,7 @@ def calibrate_from_trial(spec: ExperimentSpec, result: Any, model: DeviceModel,
             or result.memory is None or not result.memory.peak_bytes:
         return None
     return calibrate(spec, result.candidate, model, result.op_log, int(result.memory.peak_bytes),
-                     store)
+                     store, measured_reserved=result.memory.reserved_bytes)
 
 
 def known_misreporting(op_log: dict[str, list[int]]) -> list[str]:

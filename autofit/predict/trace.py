@@ -266,6 +266,8 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     breakdown.peak_bytes += residual
     traced = breakdown.peak_bytes
     reserved = model.reserved(traced, tracker.uses_blas)
+    if calibration is not None and calibration.reserve_ratio and model.kind == "cuda":
+        reserved = calibration.reserved(model.allocated(traced, tracker.uses_blas), model)
     breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
     layers = _layer_rows(tracker.modules) if per_layer else []
     return MemoryEstimate(
