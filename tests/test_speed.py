@@ -142,3 +142,33 @@ def test_segment_lines_pin_the_boundary_in_three_traces(limit_mib: int):
     assert estimate(spec, base.with_batch(b + 1), CPU).peak_bytes > limit
     # an answer read off the lines carries the exact traced peak
     assert result.estimate.peak_bytes == estimate(spec, base.with_batch(b), CPU).peak_bytes
+
+
+def test_verification_length_follows_the_backend():
+    """Under the CPU budget one timed step proves the winner; CUDA keeps verify_steps (creep);
+    max_throughput keeps them too (its answer is the verification's timing)."""
+    from autofit.candidate import Candidate
+    from autofit.choices import LimitKind, Purpose
+    from autofit.search.results import TrialRecord
+    from autofit.search.searches import CPU_BUDGET_VERIFY_STEPS, verification_steps
+    from autofit.spec import spec_from_dict
+    from autofit.trials.result import TrialResult
+
+    raw = {"model": {"_target_": "autofit.zoo.mlp"},
+           "data": {"kind": "tensor", "shape": [8], "num_classes": 2},
+           "search": {"verify_steps": 10}}
+    spec = spec_from_dict(raw)
+
+    def best(kind: LimitKind) -> TrialRecord:
+        result = TrialResult(candidate=Candidate(batch_size=4, input_size=0), status="fits",
+                             limit_kind=kind)
+        return TrialRecord(number=0, purpose=Purpose.PREDICTED, result=result,
+                           predicted_peak_bytes=1, steps=1)
+
+    steps, why = verification_steps(spec, best(LimitKind.CPU_BUDGET))
+    assert steps == CPU_BUDGET_VERIFY_STEPS < 10 and "deterministic" in why
+    steps, why = verification_steps(spec, best(LimitKind.CUDA_FRACTION))
+    assert steps == 10 and "creep" not in why and "grow over steps" in why
+    throughput = spec_from_dict({**raw, "search": {"verify_steps": 10, "objective": "max_throughput"}})
+    assert verification_steps(throughput, best(LimitKind.CPU_BUDGET))[0] == 10
+    assert verification_steps(spec, best(LimitKind.RLIMIT))[0] == 10

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from autofit.search.searches import CPU_BUDGET_VERIFY_STEPS
 from landscape import Landscape, make_spec
 
 from autofit.candidate import Candidate
@@ -16,6 +18,10 @@ from autofit.spec import spec_from_dict
 from autofit.trials import TrialResult, TrialStatus
 
 MiB = 2**20
+
+# The Landscape runner reports the CPU budget, under which the verification runs
+# CPU_BUDGET_VERIFY_STEPS timed steps (``verification_steps``); the spec's verify_steps is 3.
+VERIFY = CPU_BUDGET_VERIFY_STEPS
 
 
 def true_max(spec, landscape: Landscape, limit: int, setting=(0, "fp32", 0)) -> int:
@@ -39,7 +45,7 @@ def test_exact_prediction_pins_in_two_trials_plus_verify():
     result = tune(spec, runner=land)
     b = result.best.result.candidate.batch_size
     # the first trial is the predicted max, the second the step above, then verification
-    assert land.calls == [(b, 0, "fp32", 0, 1), (b + 1, 0, "fp32", 0, 1), (b, 0, "fp32", 0, 3)]
+    assert land.calls == [(b, 0, "fp32", 0, 1), (b + 1, 0, "fp32", 0, 1), (b, 0, "fp32", 0, VERIFY)]
     assert b == true_max(spec, land, result.limit_bytes)
     assert result.best.purpose == "verify"
     assert [t.result.status for t in result.trials] == [TrialStatus.FITS, TrialStatus.OOM, TrialStatus.FITS]
@@ -57,7 +63,7 @@ def test_mispredicted_landscape_still_finds_true_max(factor):
     assert (found, 1) in ran and (found + 1, 1) in ran
     assert len(land.calls) <= 8
     # never returns a batch that was not run
-    assert (found, spec.search.verify_steps) in ran
+    assert (found, VERIFY) in ran
 
 
 def test_spec_max_caps_the_search():
@@ -65,7 +71,7 @@ def test_spec_max_caps_the_search():
     land = Landscape()
     result = tune(spec, runner=land)
     assert result.best.result.candidate.batch_size == 5
-    assert land.calls == [(5, 0, "fp32", 0, 1), (5, 0, "fp32", 0, 3)]
+    assert land.calls == [(5, 0, "fp32", 0, 1), (5, 0, "fp32", 0, VERIFY)]
 
 
 def test_multiple_of_respected():
@@ -123,7 +129,7 @@ def test_verification_failure_steps_down():
     class FlakyAtLong(Landscape):
         def __call__(self, spec, candidate, *, limit_bytes, steps, device):
             result = super().__call__(spec, candidate, limit_bytes=limit_bytes, steps=steps, device=device)
-            if steps == spec.search.verify_steps and not getattr(self, "failed", False):
+            if steps == VERIFY and not getattr(self, "failed", False):
                 self.failed = True
                 return TrialResult(candidate=candidate, status=TrialStatus.OOM, message="late oom",
                                    limit_bytes=limit_bytes)
@@ -133,7 +139,7 @@ def test_verification_failure_steps_down():
     result = tune(spec, runner=land)
     first = land.calls[0][0]
     assert result.best.result.candidate.batch_size == first - 1
-    assert result.notes and "stepping down" in result.notes[0]
+    assert any("stepping down" in note for note in result.notes)
 
 
 def test_three_axis_search_uses_fewer_trials_than_combinations():

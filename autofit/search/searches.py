@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autofit.candidate import Setting
-from autofit.choices import Purpose, Strategy
+from autofit.choices import LimitKind, Objective, Purpose, Strategy
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
 from autofit.search.events import Emit, Note
 from autofit.search.pinner import BatchPinner
@@ -282,11 +282,42 @@ def search_throughput(search: Search, settings: list[Setting]) -> TrialRecord | 
     return best
 
 
+CPU_BUDGET_VERIFY_STEPS = 2
+"""Timed verification steps under the CPU budget, after the warm-up: one more than a search
+trial's, so the verification is a longer run than the trial it confirms, not a copy of it."""
+
+
+def verification_steps(spec: ExperimentSpec, best: TrialRecord) -> tuple[int, str]:
+    """How many timed steps the verification runs, and why (for the report).
+
+    Under the CPU budget the tracker counts live tensor bytes of a deterministic step: from
+    step 2 on (optimizer state allocated) every step repeats the same peak, so two timed steps
+    after the warm-up prove as much as ``verify_steps``. On CUDA the caching allocator's
+    reserve and fragmentation can creep over steps, so ``verify_steps`` run in full; so they
+    do for max_throughput, whose answer is the verification's timing.
+    """
+    steps = spec.search.verify_steps
+    kind = LimitKind(best.result.limit_kind)
+    if spec.search.objective == Objective.MAX_THROUGHPUT:
+        return steps, ""
+    if kind == LimitKind.CPU_BUDGET and steps > CPU_BUDGET_VERIFY_STEPS:
+        return CPU_BUDGET_VERIFY_STEPS, (
+            f"verification: {CPU_BUDGET_VERIFY_STEPS} timed steps after the warm-up instead of "
+            f"verify_steps={steps}: the CPU budget counts live bytes of a deterministic step, "
+            "so every step after step 2 repeats its peak")
+    if kind in (LimitKind.CUDA_FRACTION, LimitKind.CUDA_DEVICE):
+        return steps, (f"verification: {steps} timed steps on CUDA: the caching allocator's "
+                       "reserve and fragmentation can grow over steps")
+    return steps, ""
+
+
 def verify_best(search: Search, best: TrialRecord) -> TrialRecord | None:
-    """Re-run the winner for ``verify_steps`` steps; step down while it fails."""
+    """Re-run the winner (``verification_steps``); step down while it fails."""
     spec, ledger = search.spec, search.ledger
     candidate = best.result.candidate
-    steps = spec.search.verify_steps
+    steps, why = verification_steps(spec, best)
+    if why:
+        search.say(why, note=True)
     saved_max, ledger.max_trials = ledger.max_trials, 0  # verification always runs
     try:
         for _ in range(8):
