@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from autofit.build import extract_loss, model_output_tensor
+from autofit.build import extract_loss
 from autofit.choices import Phase, StepKind
 from autofit.errors import BuildError
 from autofit.spec import ExperimentSpec, resolve_import

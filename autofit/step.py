@@ -31,7 +31,6 @@ from autofit.build import (
 from autofit.candidate import Candidate
 from autofit.choices import Precision, StepKind
 from autofit.errors import BuildError
-from autofit.memory import PhaseHooks
 from autofit.loops import (
     LIGHTNING_BASES,
     FabricShim,
@@ -42,6 +41,7 @@ from autofit.loops import (
     run_lightning_manual,
     step_kind,
 )
+from autofit.memory import PhaseHooks
 from autofit.spec import ExperimentSpec
 
 AUTOCAST_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from autofit.search.searches import CPU_BUDGET_VERIFY_STEPS
 from landscape import Landscape, make_spec
 
 from autofit.candidate import Candidate
 from autofit.errors import SearchError, TrialError, TuneFailed, TuneInterrupted
 from autofit.memory import MemoryBreakdown
 from autofit.search.pinner import BatchPinner
+from autofit.search.searches import CPU_BUDGET_VERIFY_STEPS
 from autofit.search.tuner import run_search as tune
 from autofit.spec import spec_from_dict
 from autofit.trials import TrialResult, TrialStatus

@@ -100,10 +100,12 @@ def test_lightning_loop_keeps_last_grads_through_forward(lightning_spec, one_thr
     seen = {}
     for spec in (lightning_spec, as_autofit):
         job = TrainingJob(spec, Candidate(batch_size=4, input_size=32), torch.device("cpu"))
-        grads_in_forward = []
-        job.model.register_forward_pre_hook(
-            lambda module, args: grads_in_forward.append(
-                any(p.grad is not None for p in module.parameters())))
+        grads_in_forward: list[bool] = []
+
+        def record(module, args, seen_now=grads_in_forward):
+            seen_now.append(any(p.grad is not None for p in module.parameters()))
+
+        job.model.register_forward_pre_hook(record)
         job.run_step()
         job.run_step()
         seen[job.step_kind] = grads_in_forward

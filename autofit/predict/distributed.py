@@ -33,8 +33,14 @@ from autofit.parallel import (
     track_resizes,
 )
 from autofit.predict.device_model import DeviceModel
-from autofit.predict.trace import TRACE_STEPS, MemoryEstimate, _failure_site, _friendly, \
-    _quiet_fake_tensor_log, segment_peaks
+from autofit.predict.trace import (
+    TRACE_STEPS,
+    MemoryEstimate,
+    _failure_site,
+    _friendly,
+    _quiet_fake_tensor_log,
+    segment_peaks,
+)
 from autofit.spec import ExperimentSpec
 from autofit.step import TrainingJob
 
