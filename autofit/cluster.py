@@ -22,6 +22,7 @@ from autofit.api import SpecLike, _plain, _plot, as_spec, tune_out_dir
 from autofit.errors import AutofitError, TuneFailed
 from autofit.export import write_exports, write_results
 from autofit.files import locked_output_dir
+from autofit.predict.cache import CACHE_DIR_NAME, ENV_DIR, cache_for, using
 from autofit.search.events import EventHandler
 from autofit.search.results import TuneResult
 from autofit.search.workers import (
@@ -81,8 +82,11 @@ def work(spec: SpecLike, storage: str, *, device: str | None = None,
     """
     spec = as_spec(spec)
     try:
-        result = run_worker(spec, storage, device=device, worker_id=worker_id,
-                            on_event=on_event, runner=runner, lease_s=lease_s, poll_s=poll_s)
+        with using(cache_for(True, Path(out_dir) if out_dir is not None
+                             else tune_out_dir(spec, None))):
+            result = run_worker(spec, storage, device=device, worker_id=worker_id,
+                                on_event=on_event, runner=runner, lease_s=lease_s,
+                                poll_s=poll_s)
     except TuneFailed as exc:
         if out_dir is not None and exc.partial is not None and exc.partial.trials:
             write_files(exc.partial, Path(out_dir), error=str(exc))
@@ -150,13 +154,17 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
         cpu_workers = sum(1 for d in devices if d is None or d == "cpu")
         if cpu_workers > 1:  # this worker's trials get their share of the cores too
             os.environ.setdefault("OMP_NUM_THREADS", _threads(cpu_workers))
+        # one trace cache for every worker here: a setting traced by one is not re-traced
+        # by the worker that replays the search
+        os.environ.setdefault(ENV_DIR, str(path / CACHE_DIR_NAME))
         procs = _start(source, url, devices, lease_s, host)
         relay = threading.Thread(target=_relay, args=(procs, say), daemon=True)
         relay.start()
         try:
-            result = run_worker(spec, url, device=devices[0], on_event=on_event,
-                                worker_id=f"{host}/w0" + (f"@{devices[0]}" if devices[0] else ""),
-                                lease_s=lease_s)
+            with using(cache_for(True, path)):
+                result = run_worker(spec, url, device=devices[0], on_event=on_event,
+                                    worker_id=f"{host}/w0" + (f"@{devices[0]}" if devices[0] else ""),
+                                    lease_s=lease_s)
         except TuneFailed as exc:
             _stop(procs)
             relay.join(timeout=5)

@@ -202,7 +202,7 @@ def test_workers_share_a_study_and_kill9_loses_nothing(storage: str, tmp_path: P
 
     raw = spec_raw(f"kill-{os.getpid()}-{int(time.time() * 1000) % 100000}")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [start_worker(raw, storage, 0.4, log, name) for log, name in zip(logs, "ab")]
+    procs = [start_worker(raw, storage, 0.4, log, name) for log, name in zip(logs, "ab", strict=True)]
     deadline = time.time() + 120
     # a dies inside a trial after measuring one; b then re-runs a's dead claim (or its own,
     # then the verification) and dies inside a trial too. Neither is waited for before b's
@@ -252,10 +252,10 @@ def _label(batch_size: int, input_size: int, precision: Any, checkpoint_segments
 
 def test_results_of_unfinished_study_say_so(tmp_path: Path, one_thread: None) -> None:
     """``autofit results`` on a study with pending work: partial, with one clear line."""
-    from autofit.errors import TuneFailed
-    from autofit.search.workers import open_worker_study, WorkQueue
     from autofit.candidate import Setting
     from autofit.choices import Precision
+    from autofit.errors import TuneFailed
+    from autofit.search.workers import WorkQueue, open_worker_study
     from autofit.spec import spec_from_dict
 
     spec = spec_from_dict(spec_raw("unfinished"))

@@ -38,7 +38,7 @@ from autofit.choices import Objective, Purpose, Strategy
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
 from autofit.search.events import EventHandler, Note, TrialFinished, emitter
 from autofit.search.plan import choose_strategy, nothing_fits_message, plan_limits, settings_of
-from autofit.search.results import SettingSummary, TuneResult
+from autofit.search.results import SettingSummary, TrialRecord, TuneResult
 from autofit.search.study import Ledger, _key, search_space
 from autofit.spec import ExperimentSpec
 from autofit.trials.result import TrialResult
@@ -458,9 +458,10 @@ def finish(search: Any, settings: list[Setting], runner_for_targets: Any) -> Tun
     ledger.records = []
     ledger.max_trials = search.spec.search.max_trials
     emit = ledger.emit
+    known = {record.number for record in ledger.cache.values()}
     # the replay recalls what the workers measured: only trials run now are news
     ledger.emit = lambda event: None if isinstance(event, TrialFinished) \
-        and event.record.resumed else emit(event)
+        and event.record.number in known else emit(event)
     try:
         best = SEARCHES[search.spec.search.objective](search, settings)
         if best is not None and search.spec.search.verify_steps > 0:
@@ -487,7 +488,16 @@ def _with_all_trials(search: Any) -> TuneResult:
 
     result = _result(search, search.predict_s, search.started)
     listed = {r.number for r in result.trials}
-    extra = [r for r in search.ledger.cache.values() if r.number not in listed]
+    extra = []  # every measured trial of the study, those the replay did not visit too
+    for t in retry(lambda: measured_trials(search.ledger.study), "loading the study's trials"):
+        if t.number in listed:
+            continue
+        attrs = t.user_attrs
+        extra.append(TrialRecord(number=t.number, purpose=Purpose(attrs.get("purpose", "predicted")),
+                                 result=TrialResult.from_dict(attrs["result"]),
+                                 predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
+                                 steps=int(attrs.get("steps", 0)),
+                                 resumed=t.number not in getattr(search.ledger, "own", set())))
     result.trials = sorted(result.trials + extra, key=lambda r: r.number)
     return result
 
