@@ -56,9 +56,9 @@ class AllocatorBudgetTracker(MemoryTracker):
         super().__init__(limit_bytes=limit_bytes)
         self.ooms = 0
 
-    def _add(self, tensor: torch.Tensor, category: str = "") -> None:
+    def _add(self, tensor: torch.Tensor, category: Any = None, op: str = "") -> None:
         try:
-            super()._add(tensor, category)
+            super()._add(tensor, category, op=op)
         except AllocatorBudgetExceeded:
             raise
         except BudgetExceeded as exc:

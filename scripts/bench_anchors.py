@@ -2,8 +2,10 @@
 
 Usage::
 
-    python scripts/bench_anchors.py              # mlp, resnet, vit, gpt (~5 min on 2 cores)
-    python scripts/bench_anchors.py --quick      # mlp and gpt only (~2.5 min)
+    python scripts/bench_anchors.py              # mlp, resnet, vit, gpt, lightning (~10-13 min on 2 cores)
+    python scripts/bench_anchors.py --quick      # mlp, gpt and lightning (~8 min)
+    python scripts/bench_anchors.py --cases lightning   # only the Lightning-loop case (~5-9 min,
+                                                 # most of it the ~108-trial true-max scan)
     python scripts/bench_anchors.py --markdown out/bench_anchors.md
     pip install -e .[bench]                      # lightning + accelerate (the anchors)
 
@@ -91,6 +93,16 @@ Columns (one row per case x contender):
 The targets table reads the ``autofit`` row (not the variant): steps and trials over
 Lightning binsearch's, autofit's batch against both Lightning modes' and the true max, and
 whether autofit ran its batch.
+
+The ``lightning`` case (its own section) is the user's LightningModule in Lightning's own loop
+on both sides: ``configs/lightning.yaml`` (``LitClassifier``, 64 MiB, margin 0.10) as shipped.
+autofit tunes it with ``run_search`` (its trials run Lightning's automatic-optimization step,
+step kind ``lightning``); Lightning's ``BatchSizeFinder`` (``Tuner.scale_batch_size``, power
+and binsearch) runs on the same ``LitClassifier`` built from the config's ``class_path`` /
+``init_args``, unwrapped, with ``batch_size`` on a ``LightningDataModule``, under the same
+limit and budget machinery as the zoo rows. The true max is the exhaustive scan of autofit's
+Lightning-loop trial. The line under its table reads autofit's batch and trial count next to
+Lightning binsearch's: the target is a batch >= Lightning's in fewer trials.
 """
 
 from __future__ import annotations
@@ -156,7 +168,18 @@ LABELS = {"autofit": "autofit", "autofit-lean": "autofit lean (variant)",
           "accelerate": "accelerate"}
 
 
+LIGHTNING_CASE = "lightning"
+LIGHTNING_CONFIG = ROOT / "configs" / "lightning.yaml"
+"""The Lightning-loop case: ``configs/lightning.yaml`` (``LitClassifier``) as shipped, tuned by
+autofit in Lightning's loop and searched by Lightning's BatchSizeFinder on the same module."""
+LIGHTNING_CONTENDERS = ["autofit", "lightning-power", "lightning-binsearch"]
+
+
 def case_spec(name: str, search: dict[str, Any] | None = None) -> Any:
+    if name == LIGHTNING_CASE:
+        from autofit.spec import load_spec
+
+        return load_spec(LIGHTNING_CONFIG)
     return spec_of(name, BUDGETS[name], margin=MARGIN, search=search or SEARCH)
 
 
@@ -212,10 +235,7 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
     import warnings
 
     import lightning.pytorch as L
-    import lightning.pytorch.tuner.batch_size_scaling as bss
-    from _anchor_budget import budget, outside_budget, to_device
-    from lightning.pytorch.tuner import Tuner
-    from lightning.pytorch.utilities.memory import is_oom_error
+    from _anchor_budget import to_device
     from torch.utils.data import DataLoader
 
     from autofit.build import build_optimizer
@@ -226,7 +246,6 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
 
     net, data, collate, loss_fn = _synthetic(spec)
     counts = {"steps": 0}
-    trials: list[dict[str, Any]] = []
 
     class Wrapped(L.LightningModule):
         def __init__(self) -> None:
@@ -248,11 +267,93 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:
             return build_optimizer(spec, self.net, "cpu")
 
-    model = Wrapped()
+    return _lightning_search(Wrapped(), limit, mode, counts)
+
+
+def run_lightning_module(spec: Any, limit: int, mode: str) -> dict[str, Any]:
+    """Lightning's BatchSizeFinder on the spec's own LightningModule (configs/lightning.yaml).
+
+    The module is built as autofit builds it (``build_model``: ``class_path`` + ``init_args``)
+    and is not wrapped or changed: the batch size lives on a ``LightningDataModule`` (where
+    ``BatchSizeFinder`` looks for it when the module has none), whose ``train_dataloader``
+    makes the spec's samples on the host and whose ``transfer_batch_to_device`` makes the
+    counted device copy. ``training_step`` calls are counted through an instance attribute
+    that calls the class's own method (the search removes the Trainer's callbacks).
+    """
+    import logging
+    import warnings
+
+    import lightning.pytorch as L
+    import torch
+    from _anchor_budget import outside_budget, to_device
+    from torch.utils.data import DataLoader, Dataset, default_collate
+
+    from autofit.batch import make_batch
+    from autofit.build import build_model
+    from autofit.candidate import Candidate
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    one = Candidate(batch_size=1, input_size=spec.default_input_size)
+    cpu = torch.device("cpu")
+    module = build_model(spec, one.input_size)
+    module.train()
+
+    class Samples(Dataset):
+        """The spec's (x, y) samples, each made when read, on the host."""
+
+        def __len__(self) -> int:
+            return 1 << 24
+
+        def __getitem__(self, index: int) -> Any:
+            with outside_budget():
+                return tuple(t[0] for t in make_batch(spec, one, cpu).value)
+
+    def host_collate(samples: list[Any]) -> Any:
+        with outside_budget():
+            return default_collate(samples)
+
+    class Data(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = LIGHTNING_INIT
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(Samples(), batch_size=self.batch_size, shuffle=False,
+                              collate_fn=host_collate)
+
+        def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            return to_device(batch)
+
+    counts = {"steps": 0}
+    training_step = module.training_step  # the class's own, bound
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts["steps"] += 1
+        return training_step(*args, **kwargs)
+
+    # an instance attribute counts the calls; the search itself drops Trainer callbacks
+    module.training_step = counted
+    return _lightning_search(module, limit, mode, counts, datamodule=Data())
+
+
+def _lightning_search(model: Any, limit: int, mode: str, counts: dict[str, int], *,
+                      datamodule: Any = None) -> dict[str, Any]:
+    """``Tuner(trainer).scale_batch_size`` (Lightning's BatchSizeFinder) under the budget."""
+    import lightning.pytorch as L
+    import lightning.pytorch.tuner.batch_size_scaling as bss
+    from _anchor_budget import budget, outside_budget
+    from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.utilities.memory import is_oom_error
+
+    trials: list[dict[str, Any]] = []
+    holder = datamodule if datamodule is not None else model
     original = bss._try_loop_run
 
     def recorded(trainer: Any, params: Any) -> None:
-        record: dict[str, Any] = {"batch": int(trainer.lightning_module.batch_size),
+        record: dict[str, Any] = {"batch": int(holder.batch_size),
                                   "status": "?", "steps": 0}
         trials.append(record)
         before = counts["steps"]
@@ -277,8 +378,8 @@ def run_lightning(spec: Any, limit: int, mode: str) -> dict[str, Any]:
                                     default_root_dir=tmp)
                 _host_checkpoints(trainer, outside_budget)
                 found = Tuner(trainer).scale_batch_size(
-                    model, mode=mode, steps_per_trial=ANCHOR_STEPS, init_val=LIGHTNING_INIT,
-                    max_trials=LIGHTNING_MAX_TRIALS)
+                    model, datamodule=datamodule, mode=mode, steps_per_trial=ANCHOR_STEPS,
+                    init_val=LIGHTNING_INIT, max_trials=LIGHTNING_MAX_TRIALS)
             result["returned"] = None if found is None else int(found)
         except BaseException as exc:  # noqa: BLE001 - reported in the table
             result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -365,7 +466,9 @@ def worker_main(kind: str, case: str) -> None:
     spec = case_spec(case)
     limit = plan_limits(spec).limit_bytes
     try:
-        if kind.startswith("lightning-"):
+        if kind.startswith("lightning-") and case == LIGHTNING_CASE:
+            result = run_lightning_module(spec, limit, kind.split("-", 1)[1])
+        elif kind.startswith("lightning-"):
             result = run_lightning(spec, limit, kind.split("-", 1)[1])
         elif kind == "accelerate":
             result = run_accelerate(spec, limit, ACCELERATE_START)
@@ -413,7 +516,7 @@ def run_autofit(spec: Any) -> dict[str, Any]:
         started = result.steps_run if result.fits or result.steps_run else warmup + steps
         trials.append({"batch": candidate.batch_size, "status": "ok" if result.fits else
                        result.status.value, "steps": started, "steps_run": result.steps_run,
-                       "verify": steps == spec_.search.verify_steps and steps != spec_.search.steps_per_trial})
+                       "verify": False, "result_id": id(result)})
         return result
 
     out: dict[str, Any] = {"trials": trials}
@@ -426,10 +529,17 @@ def run_autofit(spec: Any) -> dict[str, Any]:
         out["predict_s"] = result.predict_s
         out["real_trials"] = result.real_trials
         out["purposes"] = [t.purpose for t in result.trials]
+        # the verification is the trial whose record says so (on a CPU budget it runs 2 timed
+        # steps, not verify_steps, so its step count cannot tell it from a search trial)
+        verify_ids = {id(t.result) for t in result.trials if t.purpose.value == "verify"}
+        for t in trials:
+            t["verify"] = t["result_id"] in verify_ids
     except Exception as exc:  # noqa: BLE001 - reported in the table
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     out["wall_s"] = time.perf_counter() - t0
     out["steps"] = sum(t["steps"] for t in trials)
+    for t in trials:
+        t.pop("result_id", None)
     return out
 
 
@@ -502,7 +612,9 @@ def fits_status(returned: int | None, scan: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {' and '.join(QUICK)}")
-    parser.add_argument("--cases", nargs="+", choices=case_names(), help="cases to run")
+    parser.add_argument("--cases", nargs="+", choices=[*case_names(), LIGHTNING_CASE],
+                        help=f"cases to run ({LIGHTNING_CASE}: configs/lightning.yaml in "
+                             "Lightning's loop vs Lightning's BatchSizeFinder)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH")
     parser.add_argument("--threads", default="1",
                         help="torch threads in every process (default 1; 0 = torch's own default)")
@@ -526,7 +638,8 @@ def main() -> None:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    names = args.cases or (QUICK if args.quick else case_names())
+    names = args.cases or [*(QUICK if args.quick else case_names()), LIGHTNING_CASE]
+    zoo = [n for n in names if n != LIGHTNING_CASE]
     vers = versions()
     out("# bench_anchors: autofit tune vs Lightning and accelerate batch-size finders")
     out()
@@ -559,7 +672,7 @@ def main() -> None:
     summary: list[list[Any]] = []
     misses: list[str] = []
     targets: dict[str, list[bool]] = {"steps": [], "ge": [], "eq": [], "ran": []}
-    for name in names:
+    for name in zoo:
         spec = case_spec(name)
         limit = plan_limits(spec).limit_bytes
         say(f"[{name}] budget {BUDGETS[name]}, limit {limit} bytes ({limit / 2**20:.3f} MiB)")
@@ -634,6 +747,17 @@ def main() -> None:
                         f"{scan['trials']} ({scan['wall_s']:.0f} s)"
                         + ("" if scan["monotone"] else " NOT monotone")])
 
+    if zoo:
+        _zoo_report(out, zoo, rows, summary, targets, misses)
+    if LIGHTNING_CASE in names:
+        lightning_case(out, say)
+    out(f"(bench wall time {time.perf_counter() - started:.0f} s)")
+    out.write(args.markdown)
+    trial_mod.shutdown()
+
+
+def _zoo_report(out: Any, names: list[str], rows: list[list[Any]], summary: list[list[Any]],
+                targets: dict[str, list[bool]], misses: list[str]) -> None:
     out("## per case and contender")
     out()
     out(markdown_table(["case", "contender", "trials", "steps", "wall s", "x autofit", "returned",
@@ -666,9 +790,82 @@ def main() -> None:
     for line in misses or ["(none)"]:
         out(f"- {line}")
     out()
-    out(f"(bench wall time {time.perf_counter() - started:.0f} s)")
-    out.write(args.markdown)
-    trial_mod.shutdown()
+
+
+def lightning_case(out: Any, say: Any) -> None:
+    """configs/lightning.yaml: autofit's tune in Lightning's loop vs Lightning's BatchSizeFinder
+    (power and binsearch) on the same LitClassifier, under the same limit."""
+    from autofit.search.plan import plan_limits
+
+    out(f"## Lightning's loop: {LIGHTNING_CONFIG.relative_to(ROOT)} (LitClassifier)")
+    out()
+    if versions()["lightning"].startswith("not installed"):
+        line = f"skipped: lightning is {versions()['lightning']} (pip install lightning)"
+        say(f"[{LIGHTNING_CASE}] {line}")
+        out(line)
+        out()
+        return
+    spec = case_spec(LIGHTNING_CASE)
+    limit = plan_limits(spec).limit_bytes
+    s = spec.search
+    say(f"[{LIGHTNING_CASE}] budget {spec.memory.budget_text}, limit {limit} bytes "
+        f"({limit / 2**20:.3f} MiB)")
+    results: dict[str, dict[str, Any]] = {}
+    for kind in LIGHTNING_CONTENDERS:
+        results[kind] = run_autofit(spec) if kind == "autofit" else run_anchor(kind, LIGHTNING_CASE)
+        r = results[kind]
+        say(f"  {LABELS[kind]}: {r.get('returned')} in {len(r['trials'])} trials, "
+            f"{r['wall_s']:.1f} s {r.get('error', '')}")
+    scan = scan_true_max(spec, limit, say)
+    true_max = scan["true_max"]
+    auto_wall = results["autofit"]["wall_s"] or float("nan")
+    rows = []
+    for kind in LIGHTNING_CONTENDERS:
+        r = results[kind]
+        returned = r.get("returned")
+        notes = []
+        if kind == "autofit":
+            seq = ", ".join(f"{t['batch']} {t['status'].replace('ok', 'fits')}"
+                            + (" (verify)" if t["verify"] else "") for t in r["trials"])
+            notes.append(f"trials {seq}")
+            notes.append(f"predicted {r.get('predicted')} ({r.get('predict_s', 0):.1f} s)")
+        elif kind == "lightning-binsearch" and returned is not None:
+            ok = [t["batch"] for t in r["trials"] if t["status"] == "ok"]
+            if ok and max(ok) != returned:
+                notes.append(f"search ended at {max(ok)}, x0.95 margin -> {returned}")
+        n_oom = sum(1 for t in r["trials"] if t["status"] == "oom")
+        if r.get("tracker_ooms") is not None and r["tracker_ooms"] != n_oom:
+            notes.append(f"the budget raised {r['tracker_ooms']} OOMs, its trials saw {n_oom}")
+        if r.get("error"):
+            notes.append(f"ERROR {r['error']}")
+        rows.append([LABELS[kind], len(r["trials"]), r["steps"], f"{r['wall_s']:.1f}",
+                     f"{r['wall_s'] / auto_wall:.2f}x", returned if returned is not None else "-",
+                     true_max, ran_status(returned, r["trials"]), fits_status(returned, scan),
+                     own_loop(r["trials"]), "; ".join(notes)])
+    out(f"budget {spec.memory.budget_text} x (1 - {spec.memory.margin}) = limit {limit / 2**20:.3f} MiB "
+        f"for every contender. autofit: `tune` of the config as shipped (step kind lightning: "
+        f"training_step, zero_grad, backward, optimizer.step, with configure_optimizers()'s "
+        f"AdamW + StepLR; steps_per_trial {s.steps_per_trial} + {s.warmup_steps} warm-up, "
+        f"verify_steps {s.verify_steps}). Lightning: Tuner(trainer).scale_batch_size (its "
+        f"BatchSizeFinder) on the same LitClassifier built from the config's class_path/"
+        f"init_args, batch_size on a LightningDataModule, steps_per_trial {ANCHOR_STEPS}, "
+        f"init_val {LIGHTNING_INIT}, max_trials {LIGHTNING_MAX_TRIALS}. true max: exhaustive "
+        f"scan of autofit's Lightning-loop trial ({SCAN_WARMUP} steps per batch).")
+    out()
+    out(markdown_table(["contender", "trials", "steps", "wall s", "x autofit", "returned",
+                        "true max", "ran?", "fits?", "own loop", "notes"], rows))
+    out()
+    a, lb = results["autofit"], results["lightning-binsearch"]
+    a_ret, l_ret = a.get("returned"), lb.get("returned")
+    ge = a_ret is not None and l_ret is not None and a_ret >= l_ret
+    fewer = len(a["trials"]) < len(lb["trials"])
+    out(f"autofit (Lightning's loop): batch {a_ret} in {len(a['trials'])} trials "
+        f"({a['steps']} steps, verification included); Lightning BatchSizeFinder binsearch: "
+        f"batch {l_ret} in {len(lb['trials'])} trials ({lb['steps']} steps); true max "
+        f"{true_max}. autofit's batch >= Lightning's: {'yes' if ge else 'NO'}; fewer trials: "
+        f"{'yes' if fewer else 'NO'}; scan {scan['trials']} trials ({scan['wall_s']:.0f} s)"
+        + ("" if scan["monotone"] else ", NOT monotone"))
+    out()
 
 
 if __name__ == "__main__":

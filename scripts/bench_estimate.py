@@ -5,7 +5,7 @@ Usage::
     python scripts/bench_estimate.py            # zoo x fp32/bf16/fp16 x 0/2 segments, step kinds
     python scripts/bench_estimate.py --quick    # fp32 only (~3 min on 2 cores)
     python scripts/bench_estimate.py --markdown out/bench_estimate.md
-    python scripts/bench_estimate.py --only-step-kinds   # only the step-kind rows (~1 min fp32)
+    python scripts/bench_estimate.py --only-step-kinds --quick   # step-kind rows, fp32 (~1 min)
 
 Issue targets (figures are printed, never asserted): predicted peak within 3% of the measured
 real step for every row; ``estimate`` < 2 s per shipped config; it finishes for a > 1B-param
