@@ -727,7 +727,7 @@ def test_write_results_writes_schema_version_and_tuned_yaml(tmp_path: Path) -> N
         "max_batch_size": 24, "micro_batch_size": 16, "gradient_accumulation_steps": 8,
         "global_batch_size": 1024, "world_size": 8, "precision": "bf16",
         "checkpoint_segments": 2, "input_size": 224, "verified": True,
-        "spec_hash": "abc123def456", "step": "autofit"}
+        "spec_hash": "abc123def456", "step": "autofit", "strategy": "none"}
     spec = {k: v for k, v in raw.items() if k != AUTOFIT_TUNED_KEY}
     assert spec == tuned_spec(SPEC, RESULTS["best"])
     assert spec_from_dict(spec).search.batch_size.max == 24

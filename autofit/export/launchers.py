@@ -22,7 +22,7 @@ from typing import Any
 from autofit.export.batch_plan import BatchPlan
 from autofit.export.common import ExportError, comment, slugify
 from autofit.export.provenance import Provenance, file_header
-from autofit.export.tuned import tuned_env, tuned_section
+from autofit.export.tuned import PARALLEL_ENV_VAR, parallel_of, tuned_env, tuned_section
 from autofit.spec import OutputSpec
 
 RDZV_PORT = 29500
@@ -71,6 +71,21 @@ def cpu_dry_run_note(results: dict[str, Any]) -> str | None:
 def _dry_run(results: dict[str, Any]) -> str:
     note = cpu_dry_run_note(results)
     return comment([f"DRY RUN: {note}."]) if note else ""
+
+
+def _parallel_note(results: dict[str, Any], plan: BatchPlan) -> str:
+    """The header line naming the tuned strategy and world size ("" for strategy none)."""
+    parallel = parallel_of(results)
+    if parallel.strategy == "none":
+        return ""
+    tuned_world = parallel.world_size or plan.world_size
+    lines = [f"Parallel: {parallel.strategy} over {plan.world_size} ranks (memory tuned per rank);",
+             f"{PARALLEL_ENV_VAR} below tells the training script to wrap its model."]
+    if tuned_world != plan.world_size:
+        lines.append(f"WARNING: parallel.world_size {tuned_world} differs from the "
+                     f"{plan.world_size} ranks launched here: the per-rank memory is for "
+                     f"{tuned_world}.")
+    return comment(lines)
 
 
 def _check_world(spec_output: OutputSpec, plan: BatchPlan) -> None:
@@ -202,6 +217,7 @@ def render_slurm(results: dict[str, Any], spec_output: OutputSpec, plan: BatchPl
         + "".join(f"#SBATCH {d}\n" for d in directives)
         + file_header(results, plan, "Slurm batch script", "slurm")
         + _dry_run(results)
+        + _parallel_note(results, plan)
         + (comment(notes) if notes else "")
         + "set -euo pipefail\n\n"
         + env_block(results, plan)
@@ -255,6 +271,7 @@ def render_lsf(results: dict[str, Any], spec_output: OutputSpec, plan: BatchPlan
         + "".join(f"#BSUB {d}\n" for d in directives)
         + file_header(results, plan, "LSF job script", "lsf")
         + _dry_run(results)
+        + _parallel_note(results, plan)
         + "set -euo pipefail\n\n"
         + env_block(results, plan)
         + "\n"
@@ -276,6 +293,7 @@ def render_torchrun(results: dict[str, Any], spec_output: OutputSpec, plan: Batc
         "#!/bin/bash\n"
         + file_header(results, plan, "torchrun launcher", "torchrun")
         + _dry_run(results)
+        + _parallel_note(results, plan)
         + comment(usage)
         + "set -euo pipefail\n\n"
         + env_block(results, plan)

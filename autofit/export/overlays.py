@@ -12,8 +12,20 @@ from typing import Any
 from autofit.export.batch_plan import BatchPlan
 from autofit.export.common import comment, dump_json, dump_yaml
 from autofit.export.provenance import Provenance, TunedValues, file_header
+from autofit.export.tuned import parallel_of
 
 LIGHTNING_PRECISION: dict[str, str] = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+
+DEEPSPEED_ZERO_STAGE: dict[str, int] = {"ddp": 0, "fsdp": 3}
+"""ZeRO stage standing in for a tuned strategy: ddp replicates everything (stage 0), fsdp
+shards parameters, gradients and optimizer state (stage 3)."""
+
+
+def _reshard_set(results: dict[str, Any]) -> bool:
+    """Does the stored spec set ``parallel.fsdp.reshard_after_forward`` itself?"""
+    par = (results.get("spec") or {}).get("parallel")
+    fsdp = par.get("fsdp") if isinstance(par, dict) else None
+    return isinstance(fsdp, dict) and "reshard_after_forward" in fsdp
 
 
 def _json_provenance(results: dict[str, Any], plan: BatchPlan, fmt: str) -> dict[str, Any]:
@@ -38,13 +50,11 @@ def render_lightning(results: dict[str, Any], plan: BatchPlan) -> str:
     notes = ["Lightning has no Trainer flag for activation checkpointing: enable it in the"
              f" LightningModule ({tuned.checkpoint_segments} segments were tuned)."
              if tuned.checkpoint_segments else "Tuned without activation checkpointing."]
-    body = {
-        "trainer": {
-            "precision": LIGHTNING_PRECISION.get(tuned.precision, "32-true"),
-            "accumulate_grad_batches": plan.gradient_accumulation_steps,
-        },
-        "data": {"batch_size": plan.micro_batch_size},
+    trainer: dict[str, Any] = {
+        "precision": LIGHTNING_PRECISION.get(tuned.precision, "32-true"),
+        "accumulate_grad_batches": plan.gradient_accumulation_steps,
     }
+    body: dict[str, Any] = {"trainer": trainer, "data": {"batch_size": plan.micro_batch_size}}
     model = (results.get("spec") or {}).get("model")
     if isinstance(model, dict) and "class_path" in model:
         # the spec is LightningCLI's own model section: keep it, and the batch size where
@@ -58,6 +68,12 @@ def render_lightning(results: dict[str, Any], plan: BatchPlan) -> str:
     step = (results.get("step") or {}).get("kind")
     if step:
         notes.append(f"Proven with the {step} step.")
+    strategy = parallel_of(results).strategy
+    if strategy != "none":
+        trainer["strategy"] = strategy
+        notes.append(f"Per-rank memory was tuned for {strategy} over {plan.world_size} ranks"
+                     + (" with FSDP2 (fully_shard); Lightning's 'fsdp' strategy wraps with FSDP1."
+                        if strategy == "fsdp" else "."))
     header = file_header(results, plan, "Lightning CLI config overlay", "lightning")
     return header + comment(notes) + dump_yaml(body)
 
@@ -72,24 +88,44 @@ def render_hf(results: dict[str, Any], plan: BatchPlan) -> str:
         provenance["gradient_checkpointing_note"] = (
             "HF checkpoints every layer, which saves at least as much memory as the "
             f"{tuned.checkpoint_segments} tuned segments")
-    return dump_json({
+    body: dict[str, Any] = {
         "_autofit": provenance,
         "per_device_train_batch_size": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "bf16": tuned.precision == "bf16",
         "fp16": tuned.precision == "fp16",
         "gradient_checkpointing": tuned.checkpoint_segments > 0,
-    })
+    }
+    parallel = parallel_of(results)
+    if parallel.strategy == "fsdp":
+        body["fsdp"] = "full_shard"
+        if _reshard_set(results):
+            body["fsdp_config"] = {"reshard_after_forward": parallel.reshard_after_forward}
+    elif parallel.strategy == "ddp":
+        body["ddp_find_unused_parameters"] = False
+    return dump_json(body)
 
 
 def render_deepspeed(results: dict[str, Any], plan: BatchPlan) -> str:
     """A DeepSpeed config: micro-batch, accumulation, global batch and mixed precision."""
     tuned = TunedValues.from_dict(results["best"])
-    return dump_json({
-        "_autofit": _json_provenance(results, plan, "deepspeed"),
+    provenance = _json_provenance(results, plan, "deepspeed")
+    body: dict[str, Any] = {
+        "_autofit": provenance,
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "fp16": {"enabled": tuned.precision == "fp16"},
         "bf16": {"enabled": tuned.precision == "bf16"},
-    })
+    }
+    strategy = parallel_of(results).strategy
+    if strategy in DEEPSPEED_ZERO_STAGE:
+        stage = DEEPSPEED_ZERO_STAGE[strategy]
+        body["zero_optimization"] = {"stage": stage}
+        provenance["zero_note"] = (
+            f"tuned for {strategy} over {plan.world_size} ranks; ZeRO stage {stage} is its nearest "
+            "DeepSpeed equivalent" + (" (parameters, gradients and optimizer state sharded); "
+                                      "it is not FSDP2 itself, so the per-rank memory tuned "
+                                      "for fsdp is a guide here, not a measurement"
+                                      if stage == 3 else " (data parallel, nothing sharded)"))
+    return dump_json(body)

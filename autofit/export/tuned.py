@@ -21,7 +21,7 @@ import yaml
 from autofit.export.batch_plan import BatchPlan
 from autofit.export.common import ExportError, read_text
 from autofit.export.provenance import TunedValues
-from autofit.spec import PRECISIONS
+from autofit.spec import PARALLEL_STRATEGIES, PRECISIONS, ParallelSpec
 
 AUTOFIT_TUNED_KEY = "autofit_tuned"
 """Top-level key of tuned.yaml holding the tuned values; the spec loader ignores it."""
@@ -40,7 +40,25 @@ ENV_VARS: dict[str, str] = {
 }
 """Environment variable of the generated scripts -> ``autofit_tuned`` key it holds."""
 
+PARALLEL_ENV_VAR = "AUTOFIT_PARALLEL_STRATEGY"
+"""Exported by the generated scripts when the tune was for ddp or fsdp (read it with
+``autofit.parallel.env_plan``, which pairs it with torchrun's ``WORLD_SIZE``)."""
+
 _AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def parallel_of(results: dict[str, Any]) -> ParallelSpec:
+    """The ``parallel`` section of the spec stored in the results (``results["spec"]``), read by
+    the spec loader; results without one are single-process (strategy none). The strategy
+    tuned is the first of a list. ``ExportError`` when the section does not validate."""
+    from autofit.spec import _load_parallel, _Problems
+
+    raw = results.get("spec")
+    problems = _Problems("results.json:spec", {})
+    parallel = _load_parallel(problems, raw if isinstance(raw, dict) else {})
+    if problems.items:
+        raise ExportError(*problems.sorted_items())
+    return parallel
 
 
 def tuned_spec(raw: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +109,7 @@ def tuned_section(results: dict[str, Any], plan: BatchPlan) -> dict[str, Any]:
         "verified": tuned.verified,
         "spec_hash": str(results.get("spec_hash", "unknown")),
         "step": str((results.get("step") or {}).get("kind", "autofit")),
+        "strategy": parallel_of(results).strategy,
     }
 
 
@@ -102,6 +121,8 @@ def tuned_env(section: dict[str, Any]) -> dict[str, str]:
     """
     env = {name: str(section[key]) for name, key in ENV_VARS.items()}
     env["AUTOFIT_TUNED_YAML"] = TUNED_YAML
+    if section.get("strategy", "none") != "none":  # single-process scripts stay as they were
+        env[PARALLEL_ENV_VAR] = str(section["strategy"])
     return env
 
 
@@ -133,6 +154,10 @@ class TunedConfig:
     step: str = "autofit"
     """The training step the batch was proven with (autofit, hf, hf_trainer, lightning,
     lightning_manual, custom, custom_forward); files written before it existed say autofit."""
+    strategy: str = "none"
+    """none | ddp | fsdp: the data parallelism the per-rank memory was tuned for, over
+    ``world_size`` ranks (``parallel.strategy`` of the spec, the first of a list); files written
+    before it existed say none."""
     """The pinned spec (tuned.yaml without ``autofit_tuned``): ``spec_from_dict(spec)``."""
 
     @property
@@ -151,7 +176,7 @@ class TunedConfig:
         """Validate an ``autofit_tuned`` mapping; ``ExportError`` with one line per problem."""
         problems = []
         values: dict[str, Any] = {}
-        for name in (f.name for f in fields(cls) if f.name not in ("spec", "step")):
+        for name in (f.name for f in fields(cls) if f.name not in ("spec", "step", "strategy")):
             where = f"{source}: {AUTOFIT_TUNED_KEY}.{name}"
             if name not in section:
                 problems.append(f"{where}: missing")
@@ -161,11 +186,16 @@ class TunedConfig:
             if why:
                 problems.append(f"{where}: {why}, got {value!r}")
             values[name] = value
+        strategy = section.get("strategy", "none")
+        if strategy not in PARALLEL_STRATEGIES:
+            problems.append(f"{source}: {AUTOFIT_TUNED_KEY}.strategy: must be one of "
+                            f"{', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}")
         if not problems:
             problems = _consistency_problems(values, f"{source}: {AUTOFIT_TUNED_KEY}")
         if problems:
             raise ExportError(*problems)
-        return cls(**values, spec=spec, step=str(section.get("step", "autofit")))
+        return cls(**values, spec=spec, step=str(section.get("step", "autofit")),
+                   strategy=strategy)
 
 
 _COUNTS = {"max_batch_size": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
