@@ -49,10 +49,10 @@ SPEC = {
 
 
 def run(label: str, args: list[str], out: Path, url: str, spec_path: Path) -> dict:
+    import optuna
+
     from autofit.search.workers import duplicates, measured_trials, open_storage, study_name
     from autofit.spec import load_spec
-
-    import optuna
 
     env = {k: v for k, v in os.environ.items() if k not in ("AUTOFIT_CACHE_DIR", "OMP_NUM_THREADS")}
     env["OMP_NUM_THREADS"] = "1"  # a worker is one core, as a GPU worker is one device
