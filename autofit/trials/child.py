@@ -27,7 +27,7 @@ from autofit.trials.oom import is_oom_error
 # torch is imported lazily so that the fork server can preload it once.
 
 
-class _TrialRun:
+class TrialRun:
     """One trial's set-up, steps and measurement; ``result`` fills in as it goes."""
 
     def __init__(self, request: dict[str, Any], result: dict[str, Any]) -> None:
@@ -169,11 +169,16 @@ class _TrialRun:
         result["traceback"] = traceback.format_exc()[-4000:]
 
 
-def run_in_child(request: dict[str, Any]) -> dict[str, Any]:
-    """Run one trial described by ``request``; return the result dict. Never raises."""
+def run_in_child(request: dict[str, Any], run_type: type[TrialRun] | None = None,
+                 **fields: Any) -> dict[str, Any]:
+    """Run one trial described by ``request``; return the result dict. Never raises.
+
+    ``run_type``: a ``TrialRun`` subclass (one rank of a multi-rank trial); ``fields`` are
+    put in the result from the start (its rank), so they are there whatever happens."""
     started = time.perf_counter()
-    result: dict[str, Any] = {"status": "error", "message": "", "candidate": request["candidate"]}
-    run = _TrialRun(request, result)
+    result: dict[str, Any] = {"status": "error", "message": "", "candidate": request["candidate"],
+                              **fields}
+    run = (run_type or TrialRun)(request, result)
     try:
         run.set_up()
         run.run_steps()

@@ -26,14 +26,14 @@ from typing import Any
 from autofit.candidate import Candidate
 from autofit.device import resolve_device
 from autofit.spec import ExperimentSpec
-from autofit.trials.child import _TrialRun
+from autofit.trials.child import TrialRun, run_in_child
 from autofit.trials.result import TrialResult, TrialStatus
 
 POLL_S = 0.05
 FAILED = ("oom", "error")
 
 
-class _RankRun(_TrialRun):
+class _RankRun(TrialRun):
     """One rank of a multi-rank trial: the single-process trial, on a real process group."""
 
     def set_up(self) -> None:
@@ -111,17 +111,7 @@ def rank_main(request_path: str, rank: int, result_path: str) -> None:
     with open(request_path) as fh:
         request = json.load(fh)
     request["rank"] = rank
-    started = time.perf_counter()
-    result: dict[str, Any] = {"status": "error", "message": "", "candidate": request["candidate"],
-                              "rank": rank}
-    run = _RankRun(request, result)
-    try:
-        run.set_up()
-        run.run_steps()
-        run.measure()
-    except BaseException as exc:  # noqa: BLE001 - a trial's failure is data
-        run.record_failure(exc)
-    result["child_s"] = time.perf_counter() - started
+    result = run_in_child(request, _RankRun, rank=rank)
     tmp = result_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh, default=str)
