@@ -53,7 +53,7 @@ trials run), ``profiler`` as above. Rows (batch ``--batch``, every precision of 
   optimization); ``lightning_manual``: ``LitClassifierManual`` below (the same network with
   ``automatic_optimization = False``: ``self.optimizers()``, ``manual_backward``, gradient
   clipping, ``opt.step()`` in its own ``training_step``);
-* ``custom``: the ``resnet`` zoo case with ``step: bench_estimate.clip_ema_accum`` (two
+* ``custom``: the ``resnet`` zoo case with ``step: custom_step.clip_ema_accum`` (examples/custom_step.py: two
   accumulated micro-batches, gradient clipping, an EMA copy of the weights);
   ``custom_forward``: the same case with ``step: bench_estimate.smoothed_forward`` (the user's
   forward and label-smoothed loss; autofit's backward and optimizer step).
@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # custom_step.py
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # config warnings of the HF rows
 
 import torch  # noqa: E402  - imported (never run) before the fork helper starts
@@ -104,32 +105,6 @@ if __name__ == "__main__":  # `step: bench_estimate.<fn>` resolves to this runni
 
 
 # --------------------------------------------------------------------------- user steps
-
-
-def clip_ema_accum(model: Any, optimizer: Any, batch: Any, scaler: Any, autocast: Any,
-                   state: dict[str, Any]) -> Any:
-    """A full custom step: two accumulated micro-batches, gradient clipping, an EMA copy."""
-    x, y = batch
-    loss = None
-    for part_x, part_y in zip(x.chunk(2), y.chunk(2), strict=True):
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(part_x), part_y) / 2
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if "ema" not in state:
-        state["ema"] = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for ema, p in zip(state["ema"], model.parameters(), strict=True):
-            ema.lerp_(p, 0.01)
-    return loss
 
 
 def smoothed_forward(model: Any, batch_size: int, input_size: int, device: Any) -> Any:
@@ -573,7 +548,7 @@ def step_kind_rows() -> list[dict[str, Any]]:
                          "source": source})
     resnet = with_budget(case("resnet"), "64MiB")
     rows.append({"case": "resnet", "kind": "custom",
-                 "raw": {**resnet, "step": "bench_estimate.clip_ema_accum"}, "source": "<resnet>"})
+                 "raw": {**resnet, "step": "custom_step.clip_ema_accum"}, "source": "<resnet>"})
     rows.append({"case": "resnet", "kind": "custom_forward",
                  "raw": {**resnet, "step": "bench_estimate.smoothed_forward"},
                  "source": "<resnet>"})

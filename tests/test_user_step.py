@@ -262,32 +262,7 @@ def test_hf_model_without_labels_under_loss_model(tmp_path: Path):
 # --------------------------------------------------------------------------- custom steps
 
 CUSTOM_STEPS = '''
-import copy
 import torch
-
-
-def clip_ema_accum(model, optimizer, batch, scaler, autocast, state):
-    """Two accumulated micro-batches, gradient clipping and an EMA copy of the weights."""
-    x, y = batch
-    for part_x, part_y in zip(x.chunk(2), y.chunk(2)):
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(part_x), part_y) / 2
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if "ema" not in state:
-        state["ema"] = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for e, p in zip(state["ema"], model.parameters()):
-            e.lerp_(p, 0.01)
-    return loss
 
 
 def no_loss(model, optimizer, batch):
@@ -297,12 +272,16 @@ def no_loss(model, optimizer, batch):
 '''
 
 
+EXAMPLES = str(REPO / "examples")  # examples/custom_step.py: the README's full step
+
+
 @pytest.fixture
 def custom_module(tmp_path: Path):
     (tmp_path / "custom_steps.py").write_text(CUSTOM_STEPS)
-    sys.path.insert(0, str(tmp_path))
+    sys.path[:0] = [str(tmp_path), EXAMPLES]
     yield "custom_steps"
     sys.path.remove(str(tmp_path))
+    sys.path.remove(EXAMPLES)
     sys.modules.pop("custom_steps", None)
 
 
@@ -318,7 +297,7 @@ def _custom_spec(step: str, precision: str = "fp32"):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_full_custom_step_prediction_equals_the_real_step(custom_module, precision, one_thread):
-    spec = _custom_spec(f"{custom_module}.clip_ema_accum", precision)
+    spec = _custom_spec("custom_step.clip_ema_accum", precision)
     job = TrainingJob(spec, Candidate(batch_size=8, input_size=0, precision=precision),
                       torch.device("cpu"))
     assert job.step_kind == StepKind.CUSTOM
