@@ -156,16 +156,21 @@ class TrainingJob:
     # ----------------------------------------------------------------- batches
 
     def make_batch(self) -> Batch:
-        """The batch autofit's step hands to the model (``data.batch`` or the shorthand)."""
+        """The batch autofit's step hands to the model (``data.batch`` or the shorthand).
+
+        The shorthand's targets are shaped after the model's output: once the first step has
+        shown it, they come with the batch, as from a data loader (``(x, y)``)."""
         if self.spec.data.batch:
             return make_batch(self.spec, self.candidate, self.device)
-        return Batch(make_input(self.spec, self.candidate, self.device), "tensor")
+        x = make_input(self.spec, self.candidate, self.device)
+        if self._target_shape is None or self.spec.loss == "model":
+            return Batch(x, "tensor")
+        return Batch((x, make_target(self.spec, self._target_shape, self.device)), "tuple")
 
     def derived_target(self, output: Any) -> torch.Tensor:
-        """Targets shaped after the model's output; from the second step on they come with
-        the batch (a data loader yields them together), so that is where they are made."""
-        if self._target_shape is None:
-            self._target_shape = model_output_tensor(output).shape
+        """The first step's targets, shaped after the model's output (later steps' come with
+        the batch: ``make_batch``)."""
+        self._target_shape = model_output_tensor(output).shape
         return make_target(self.spec, self._target_shape, self.device)
 
     def loader_batch(self) -> Any:
