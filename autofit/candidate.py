@@ -23,6 +23,9 @@ class Candidate:
     """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast)."""
     checkpoint_segments: int = 0
     """0 = no activation checkpointing; K = the blocks split into K checkpointed segments."""
+    strategy: str = ""
+    """none | ddp | fsdp when ``parallel.strategy`` lists several (an axis of the search);
+    "" = the spec's own strategy."""
 
     def __post_init__(self) -> None:
         try:
@@ -34,7 +37,8 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "input_size": self.input_size,
                 "precision": self.precision.value,
-                "checkpoint_segments": self.checkpoint_segments}
+                "checkpoint_segments": self.checkpoint_segments,
+                **({"strategy": self.strategy} if self.strategy else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Candidate:
@@ -43,11 +47,12 @@ class Candidate:
             input_size=int(data["input_size"]),
             precision=Precision(data.get("precision", "fp32")),
             checkpoint_segments=int(data.get("checkpoint_segments", 0)),
+            strategy=str(data.get("strategy") or ""),
         )
 
     @property
     def setting(self) -> Setting:
-        return Setting(self.input_size, self.precision, self.checkpoint_segments)
+        return Setting(self.input_size, self.precision, self.checkpoint_segments, self.strategy)
 
     def with_batch(self, batch_size: int) -> Candidate:
         return replace(self, batch_size=batch_size)
@@ -55,7 +60,8 @@ class Candidate:
     def label(self) -> str:
         seg = f" ckpt={self.checkpoint_segments}" if self.checkpoint_segments else ""
         size = f" size={self.input_size}" if self.input_size else ""
-        return f"batch={self.batch_size}{size} {self.precision}{seg}"
+        parallel = f" {self.strategy}" if self.strategy else ""
+        return f"batch={self.batch_size}{size} {self.precision}{seg}{parallel}"
 
 
 class Setting(NamedTuple):
@@ -64,17 +70,22 @@ class Setting(NamedTuple):
     input_size: int
     precision: Precision
     checkpoint_segments: int
+    strategy: str = ""
+    """Set only when ``parallel.strategy`` lists several (see ``Candidate.strategy``)."""
 
     @property
     def key(self) -> str:
-        """``"256/bf16/2"``: the setting's name in results.json (curves, plots)."""
-        return f"{self.input_size}/{Precision(self.precision).value}/{self.checkpoint_segments}"
+        """``"256/bf16/2"`` (``"256/bf16/2/fsdp"`` with a strategy): the setting's name in
+        results.json (curves, plots)."""
+        tail = f"/{self.strategy}" if self.strategy else ""
+        return f"{self.input_size}/{Precision(self.precision).value}/{self.checkpoint_segments}{tail}"
 
     def candidate(self, batch_size: int) -> Candidate:
         return Candidate(batch_size=batch_size, input_size=self.input_size,
                          precision=Precision(self.precision),
-                         checkpoint_segments=self.checkpoint_segments)
+                         checkpoint_segments=self.checkpoint_segments, strategy=self.strategy)
 
     def describe(self) -> str:
         size = f"size {self.input_size}, " if self.input_size else ""
-        return f"{size}{Precision(self.precision).value}, ckpt={self.checkpoint_segments}"
+        parallel = f", {self.strategy}" if self.strategy else ""
+        return f"{size}{Precision(self.precision).value}, ckpt={self.checkpoint_segments}{parallel}"

@@ -77,6 +77,28 @@ def with_plan(spec: ExperimentSpec, strategy: str, world_size: int | None = None
     return replace(spec, parallel=par)
 
 
+_PLANNED: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+
+def spec_for(spec: ExperimentSpec, candidate: Any) -> ExperimentSpec:
+    """The spec ``candidate`` runs with: its own strategy (``Candidate.strategy``, set when
+    ``parallel.strategy`` lists several), else ``spec`` itself.
+
+    The derived specs are kept (one per spec and strategy), so that repeated traces of one
+    search see the same object (the trace cache keys its spec fingerprints by identity).
+    """
+    strategy = getattr(candidate, "strategy", "")
+    if not strategy or spec.parallel.strategies == (strategy,):
+        return spec
+    key = (id(spec), strategy)
+    held = _PLANNED.get(key)
+    if held is None or held[0] is not spec:
+        if len(_PLANNED) > 64:
+            _PLANNED.clear()
+        held = _PLANNED[key] = (spec, with_plan(spec, strategy))
+    return held[1]
+
+
 # --------------------------------------------------------------------------- resize tracking
 
 _TRACKERS: list[MemoryTracker] = []

@@ -12,7 +12,7 @@ so the scripts and tuned.yaml cannot disagree. :func:`load_tuned` reads it back 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ _AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 def parallel_of(results: dict[str, Any]) -> ParallelSpec:
     """The ``parallel`` section of the spec stored in the results (``results["spec"]``), read by
-    the spec loader; results without one are single-process (strategy none). The strategy
-    tuned is the first of a list. ``ExportError`` when the section does not validate."""
+    the spec loader; results without one are single-process (strategy none). Of a list, the
+    strategy is the winner's (``results["best"]["strategy"]``), else the first listed.
+    ``ExportError`` when the section does not validate."""
     from autofit.spec import _load_parallel, _Problems
 
     raw = results.get("spec")
@@ -58,6 +59,9 @@ def parallel_of(results: dict[str, Any]) -> ParallelSpec:
     parallel = _load_parallel(problems, raw if isinstance(raw, dict) else {})
     if problems.items:
         raise ExportError(*problems.sorted_items())
+    won = (results.get("best") or {}).get("strategy")
+    if won and won in parallel.strategies:  # a list searched: the winner's
+        parallel = replace(parallel, strategies=(str(won),))
     return parallel
 
 
@@ -88,6 +92,9 @@ def tuned_spec(raw: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(data, dict) and kind == "tokens":
             data["seq_len"] = tuned.input_size
     spec["search"] = search
+    won = best.get("strategy")
+    if won and isinstance(spec.get("parallel"), dict):  # a parallel.strategy list: the winner
+        spec["parallel"]["strategy"] = won
     return spec
 
 
@@ -156,8 +163,8 @@ class TunedConfig:
     lightning_manual, custom, custom_forward); files written before it existed say autofit."""
     strategy: str = "none"
     """none | ddp | fsdp: the data parallelism the per-rank memory was tuned for, over
-    ``world_size`` ranks (``parallel.strategy`` of the spec, the first of a list); files written
-    before it existed say none."""
+    ``world_size`` ranks (``parallel.strategy`` of the spec; of a list, the winner's); files
+    written before it existed say none."""
     """The pinned spec (tuned.yaml without ``autofit_tuned``): ``spec_from_dict(spec)``."""
 
     @property

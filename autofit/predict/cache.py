@@ -4,7 +4,8 @@ A trace is a pure function of what it is keyed by:
 
 * the spec sections a trace reads (``model``, ``data``, ``loss``, ``optimizer``, ``step``,
   ``device``; not the budget, the search ranges, the targets or the output);
-* the candidate (batch, input size, precision, checkpoint segments);
+* the candidate (batch, input size, precision, checkpoint segments, strategy of a list);
+* for DDP / FSDP2, the ``parallel`` plan (strategy, world size, options; ``parallel_key``);
 * the torch version and the device model (its kind and every constant);
 * the code: autofit's own sources and the files of the modules the spec names (model,
   optimizer, loss, step, nested ``_target_``), by size and modification time. Modules those
@@ -117,6 +118,18 @@ def spec_fingerprint(spec: ExperimentSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def parallel_key(spec: ExperimentSpec) -> dict[str, Any]:
+    """What a trace reads from ``parallel`` (strategy, world size, FSDP/DDP options); empty
+    for a single process, whose keys stay as they were."""
+    par = spec.parallel
+    if par.strategy == "none":
+        return {}
+    return {"parallel": {"strategy": par.strategy, "world_size": spec.world_size,
+                         "reshard_after_forward": par.reshard_after_forward,
+                         "param_dtype": par.param_dtype, "reduce_dtype": par.reduce_dtype,
+                         "gradient_as_bucket_view": par.gradient_as_bucket_view}}
+
+
 @dataclass
 class TraceCache:
     """Trace results on disk, and what this run got from them."""
@@ -140,6 +153,7 @@ class TraceCache:
             "format": FORMAT, "spec": spec_key, "candidate": candidate.to_dict(),
             "torch": torch.__version__, "device_model": asdict(model),
             "autofit": [__version__, autofit_code_fingerprint()],
+            **parallel_key(spec),
         }, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -148,7 +162,13 @@ class TraceCache:
 
         path = self.directory / f"{key}.json"
         try:
-            est = MemoryEstimate.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            if "strategy" in data:  # one rank of DDP / FSDP2
+                from autofit.predict.distributed import RankEstimate
+
+                est = RankEstimate.from_dict(data)
+            else:
+                est = MemoryEstimate.from_dict(data)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         est.cached = True

@@ -61,6 +61,14 @@ class RankEstimate(MemoryEstimate):
                     rank_bytes=dict(self.rank_bytes))
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankEstimate:
+        """From ``to_dict(full=True)`` (the trace cache)."""
+        base = MemoryEstimate.from_dict(data)
+        return cls(**{f: getattr(base, f) for f in base.__dataclass_fields__},
+                   strategy=str(data["strategy"]), world_size=int(data["world_size"]),
+                   rank_bytes={k: int(v) for k, v in (data.get("rank_bytes") or {}).items()})
+
 
 def _job(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, hooks: PhaseHooks,
          wrap: Any) -> TrainingJob:
@@ -171,10 +179,12 @@ def estimate_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel
 
 
 def ranks_needed(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
-                 limit_bytes: int, *, max_world_size: int = 1024) -> int | None:
-    """The smallest world size (a power of two) at which one fsdp rank fits ``candidate``
-    under ``limit_bytes``; None when none up to ``max_world_size`` does."""
+                 limit_bytes: int, *, max_world_size: int = 1024, above: int = 1) -> int | None:
+    """The smallest world size (a power of two above ``above``) at which one fsdp rank fits
+    ``candidate`` under ``limit_bytes``; None when none up to ``max_world_size`` does."""
     n = 2
+    while n <= above:
+        n *= 2
     while n <= max_world_size:
         plan = replace(RankPlan.from_spec(spec), strategy="fsdp", world_size=n)
         if estimate_rank(spec, candidate, model, plan).peak_bytes <= limit_bytes:
@@ -185,15 +195,34 @@ def ranks_needed(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
 
 def sharding_line(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
                   limit_bytes: int) -> str | None:
-    """"needs sharding over >=N ranks" when batch 1 does not fit one rank unsharded."""
+    """"needs sharding over >=N ranks" when batch 1 does not fit one rank of the spec's
+    strategy (unsharded, or fsdp over fewer ranks than needed); None when it fits."""
     one = candidate.with_batch(1)
-    if spec.parallel.strategy == "fsdp":
-        return None
     plan = replace(RankPlan.from_spec(spec), world_size=max(1, spec.world_size))
     if estimate_rank(spec, one, model, plan).peak_bytes <= limit_bytes:
         return None
-    n = ranks_needed(spec, one, model, limit_bytes)
+    fsdp = plan.strategy == "fsdp"
+    n = ranks_needed(spec, one, model, limit_bytes, above=plan.world_size if fsdp else 1)
     if n is None:
         return "batch 1 does not fit one rank even with fsdp over 1024 ranks"
-    return (f"needs sharding over >={n} ranks: batch 1 does not fit one rank with strategy "
-            f"{plan.strategy}, and fits with fsdp at world size {n}")
+    now = (f"fsdp over {plan.world_size} ranks" if fsdp else f"strategy {plan.strategy}")
+    return (f"needs sharding over >={n} ranks: batch 1 does not fit one rank with {now}, "
+            f"and fits with fsdp at world size {n}")
+
+
+def sharding_note(spec: ExperimentSpec, model: DeviceModel, limit_bytes: int,
+                  predictions: dict[Any, Any]) -> str | None:
+    """``sharding_line`` for a search whose every setting is predicted not to fit its
+    smallest batch: asked of the setting predicted leanest there (None: some setting fits,
+    or tracing the sharded step failed)."""
+    from autofit.parallel import spec_for
+
+    if not predictions or any(p.batch_size for p in predictions.values()):
+        return None
+    lowest = spec.search.batch_size.lowest
+    setting = min(predictions, key=lambda st: predictions[st].curve.peak_at(lowest))
+    candidate = setting.candidate(lowest)
+    try:
+        return sharding_line(spec_for(spec, candidate), candidate, model, limit_bytes)
+    except AutofitError:
+        return None

@@ -232,13 +232,13 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     Inside ``autofit.predict.cache.using(cache)`` the answer comes from the trace cache when
     it holds one (per-layer traces are always run).
     """
+    from autofit.parallel import spec_for
     from autofit.predict.calibrate import applied_for  # imports this module
+    from autofit.predict.distributed import estimate_rank  # imports this module
 
-    if spec.parallel.strategy != "none":  # one rank of DDP / FSDP2 (not cached)
-        from autofit.predict.distributed import estimate_rank
-
-        return estimate_rank(spec, candidate, model)
-    calibration = applied_for(spec, candidate, model.kind)
+    spec = spec_for(spec, candidate)  # the candidate's strategy, from a parallel.strategy list
+    rank = spec.parallel.strategy != "none"  # one rank of DDP / FSDP2 (keyed by its plan)
+    calibration = None if rank else applied_for(spec, candidate, model.kind)
     cache = None if per_layer else trace_cache.active()
     key = cache.key(spec, candidate, model) if cache is not None else ""
     tags = (calibration.digest if calibration else "") + trace_device(model).type
@@ -248,7 +248,8 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         hit = cache.get(key)
         if hit is not None:
             return hit
-    est = _estimate(spec, candidate, model, per_layer=per_layer, calibration=calibration)
+    est = (estimate_rank(spec, candidate, model) if rank else
+           _estimate(spec, candidate, model, per_layer=per_layer, calibration=calibration))
     if cache is not None:
         cache.put(key, est)
     return est

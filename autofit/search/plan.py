@@ -61,10 +61,12 @@ def plan_limits(spec: ExperimentSpec, device: str | None = None, *,
 
 
 def settings_of(spec: ExperimentSpec) -> list[Setting]:
-    """Every combination of the discrete axes, in spec order."""
+    """Every combination of the discrete axes, in spec order; ``parallel.strategy`` is an
+    axis only when it lists several (each setting then runs with its own strategy)."""
     s = spec.search
+    strategies = spec.parallel.strategies if len(spec.parallel.strategies) > 1 else ("",)
     return [Setting(*combo) for combo in
-            itertools.product(spec.input_sizes, s.precisions, s.checkpoint_segments)]
+            itertools.product(spec.input_sizes, s.precisions, s.checkpoint_segments, strategies)]
 
 
 def choose_strategy(spec: ExperimentSpec) -> Strategy:
@@ -79,8 +81,10 @@ def choose_strategy(spec: ExperimentSpec) -> Strategy:
     return Strategy.OPTUNA if several and s.objective == Objective.MAX_THROUGHPUT else Strategy.BINARY
 
 
-def nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Setting]) -> str:
-    """Why nothing fits, with the knobs left to turn."""
+def nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
+                         sharding: str | None = None) -> str:
+    """Why nothing fits, with the knobs left to turn (``sharding``: the model
+    "needs sharding over >=N ranks", from ``predict.distributed.sharding_note``)."""
     from autofit.units import format_bytes
 
     s = spec.search
@@ -91,6 +95,8 @@ def nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Settin
         tips.append("lower precision (search.precision: [bf16])")
     if spec.data.kind in ("image", "tokens"):
         tips.append(f"a smaller input size (search.input_size below {min(spec.input_sizes)})")
+    if sharding:
+        tips.append(f"sharding (parallel.strategy: fsdp; {sharding})")
     tips.append("a larger memory.budget or a smaller memory.margin")
     return (f"nothing fits: batch {s.batch_size.min} does not fit under "
             f"{format_bytes(plan.limit_bytes)} (budget x (1 - margin)) at any of "

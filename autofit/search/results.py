@@ -86,6 +86,7 @@ class SettingSummary:
         return {
             "input_size": self.setting.input_size, "precision": self.setting.precision.value,
             "checkpoint_segments": self.setting.checkpoint_segments,
+            **({"strategy": self.setting.strategy} if self.setting.strategy else {}),
             "predicted_batch_size": self.predicted_batch_size,
             "batch_size": self.measured_batch_size if self.measured_batch_size else self.predicted_batch_size,
             "measured": self.measured_batch_size is not None, "pinned": self.pinned,

@@ -221,8 +221,9 @@ def _throughput_candidates(search: Search, settings: list[Setting]) -> list[Sett
     feasible = [st for st in settings if p[st].batch_size > 0]
     kept = []
     for st in feasible:
-        cheaper = [o for o in feasible if o.input_size == st.input_size
-                   and o.precision == st.precision and o.checkpoint_segments < st.checkpoint_segments]
+        cheaper = [o for o in feasible if o.input_size == st.input_size and o.precision ==
+                   st.precision and o.strategy == st.strategy
+                   and o.checkpoint_segments < st.checkpoint_segments]
         if cheaper and p[st].batch_size < 1.25 * max(p[o].batch_size for o in cheaper):
             continue
         kept.append(st)

@@ -24,7 +24,7 @@ from autofit.trials.result import TrialResult, TrialStatus
 
 def _key(candidate: Candidate, steps: int) -> tuple:
     return (candidate.batch_size, candidate.input_size, candidate.precision.value,
-            candidate.checkpoint_segments, steps)
+            candidate.checkpoint_segments, candidate.strategy, steps)
 
 
 def search_space(spec: ExperimentSpec) -> dict[str, Any]:
@@ -36,12 +36,15 @@ def search_space(spec: ExperimentSpec) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     s = spec.search
-    return {
+    space = {
         "input_size": CategoricalDistribution(list(spec.input_sizes)),
         "precision": CategoricalDistribution([p.value for p in s.precisions]),
         "checkpoint_segments": CategoricalDistribution(list(s.checkpoint_segments)),
         "batch_size": IntDistribution(1, max(s.batch_size.highest, 1)),
     }
+    if len(spec.parallel.strategies) > 1:  # an axis only when several are listed
+        space["strategy"] = CategoricalDistribution(list(spec.parallel.strategies))
+    return space
 
 
 def propose_setting(study: Any, spec: ExperimentSpec) -> tuple[Any, Setting]:
@@ -52,9 +55,10 @@ def propose_setting(study: Any, spec: ExperimentSpec) -> tuple[Any, Setting]:
     space = search_space(spec)
     asked = study.ask()
     values = {name: asked.suggest_categorical(name, space[name].choices)
-              for name in ("input_size", "precision", "checkpoint_segments")}
+              for name in ("input_size", "precision", "checkpoint_segments", "strategy")
+              if name in space}
     return asked, Setting(int(values["input_size"]), Precision(values["precision"]),
-                          int(values["checkpoint_segments"]))
+                          int(values["checkpoint_segments"]), str(values.get("strategy", "")))
 
 
 class Ledger:

@@ -36,7 +36,8 @@ def _target_entry(spec: ExperimentSpec, target: Any, best: Candidate, plan: Plan
     model = plan.device_model if plan.device_model.kind == "cuda" else CUDA_DEFAULT
     usable = int((target.memory_bytes - model.context_bytes) * (1.0 - spec.memory.margin))
     base = Candidate(batch_size=spec.search.batch_size.lowest, input_size=best.input_size,
-                     precision=precision, checkpoint_segments=best.checkpoint_segments)
+                     precision=precision, checkpoint_segments=best.checkpoint_segments,
+                     strategy=best.strategy)
     entry: dict[str, Any] = {
         "name": target.name, "memory_bytes": target.memory_bytes, "bf16": target.bf16,
         "precision": precision.value, "checkpoint_segments": best.checkpoint_segments,

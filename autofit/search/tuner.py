@@ -19,6 +19,7 @@ from autofit.choices import Objective
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
 from autofit.predict import calibrate as calib
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.predict.distributed import sharding_note
 from autofit.search.events import EventHandler, emitter
 from autofit.search.plan import (
     Plan,
@@ -105,6 +106,8 @@ def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialRes
     """Calibrate from ``result`` unless its setting key already is; say what was corrected
     and let the settings it covers be re-predicted when they are searched."""
     model = search.plan.device_model
+    if result.extra.get("world_size"):
+        return  # a rank trial: its ops are local shards, the trace's are DTensor ops
     if not result.fits or not result.op_log or \
             calib.setting_key(result.candidate, model.kind) in store.calibrations:
         return
@@ -161,6 +164,9 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
     search.predictions = predict_settings(spec, plan, settings, search.say)
     predict_s = time.perf_counter() - t0
     search.summaries = {st: SettingSummary(st, p.batch_size) for st, p in search.predictions.items()}
+    sharding = sharding_note(spec, plan.device_model, plan.limit_bytes, search.predictions)
+    if sharding:  # nothing is predicted to fit one rank as the spec runs it
+        search.say(sharding, note=True)
     for record in list(ledger.cache.values()):  # resumed trials calibrate as new ones do
         calibrate_on(search, store, record.result, out_dir)
 
@@ -172,7 +178,7 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
         if best is not None and spec.search.verify_steps > 0:
             best = verify_best(search, best)
         if best is None:
-            raise SearchError(nothing_fits_message(spec, plan, settings))
+            raise SearchError(nothing_fits_message(spec, plan, settings, sharding))
     except KeyboardInterrupt:
         raise TuneInterrupted(partial()) from None
     except AutofitError as exc:

@@ -133,6 +133,9 @@ def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | 
               timeout_s: float | None = None, device: str | None = None) -> TrialResult:
     """Run one candidate in a fresh process and return what it measured. Never raises for
     anything the trial does (OOM, user error, hang, crash); only KeyboardInterrupt passes."""
+    from autofit.parallel import spec_for
+
+    spec = spec_for(spec, candidate)  # the candidate's strategy, from a parallel.strategy list
     if spec.parallel.strategy != "none":  # one process per rank (autofit.trials.ranks)
         from autofit.trials.ranks import run_rank_trial
 
