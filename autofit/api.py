@@ -275,14 +275,17 @@ def _plot(data: dict[str, Any], path: Path) -> str:
 
 
 def export(results: str | Path | dict[str, Any], formats: Sequence[str] | None = None,
-           out_dir: str | Path | None = None) -> list[Path]:
+           out_dir: str | Path | None = None, storage: str | None = None) -> list[Path]:
     """Regenerate submission scripts, overlays and target configs without re-tuning.
 
     Args:
         results: a results.json path (or its loaded dict).
         formats: any of slurm, lsf, torchrun, lightning, hf, deepspeed, targets (default:
-            all, scripts as ``output.scripts`` lists them).
+            all, scripts as ``output.scripts`` lists them), or slurm-tune / lsf-tune (array
+            jobs measuring each target GPU type: only when named).
         out_dir: default: next to results.json.
+        storage: the study URL slurm-tune / lsf-tune default to (written without its
+            password); else they need ``AUTOFIT_STORAGE`` where they run.
 
     Returns:
         The written paths, in order.
@@ -295,7 +298,7 @@ def export(results: str | Path | dict[str, Any], formats: Sequence[str] | None =
     else:
         data, default_dir = load_results(results), Path(results).parent
     return write_exports(data, Path(out_dir) if out_dir is not None else default_dir,
-                         list(formats) if formats else None)
+                         list(formats) if formats else None, storage=storage)
 
 
 @dataclass

@@ -74,8 +74,11 @@ def write_files(result: TuneResult, path: Path, error: str | None = None) -> Tun
 def work(spec: SpecLike, storage: str, *, device: str | None = None,
          worker_id: str | None = None, out_dir: str | Path | None = None,
          on_event: EventHandler | None = None, runner: Callable[..., TrialResult] | None = None,
-         lease_s: float = LEASE_S, poll_s: float = 1.0) -> TuneResult:
+         lease_s: float = LEASE_S, poll_s: float = 1.0, target: str | None = None) -> TuneResult:
     """One worker on the spec's study in ``storage`` until the study is finished.
+
+    ``target``: measure that target of the spec on this device, in the target's own study
+    (``autofit results`` then shows it measured in targets.yaml, with this device's name).
 
     Writes the result files into ``out_dir`` when given. Raises ``TuneFailed`` with the
     study's trials in ``partial`` (files written as partial results when ``out_dir``).
@@ -86,7 +89,7 @@ def work(spec: SpecLike, storage: str, *, device: str | None = None,
                              else tune_out_dir(spec, None))):
             result = run_worker(spec, storage, device=device, worker_id=worker_id,
                                 on_event=on_event, runner=runner, lease_s=lease_s,
-                                poll_s=poll_s)
+                                poll_s=poll_s, target=target)
     except TuneFailed as exc:
         if out_dir is not None and exc.partial is not None and exc.partial.trials:
             write_files(exc.partial, Path(out_dir), error=str(exc))

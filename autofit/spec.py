@@ -165,6 +165,9 @@ class TargetSpec:
     memory_text: str
     bf16: bool = True
     """Whether the target GPU supports bf16 (False for V100/T4)."""
+    partition: str | None = None
+    """Slurm partition (LSF queue) holding this GPU type: where ``export -f slurm-tune``
+    sends the worker that measures it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -683,7 +686,7 @@ def _load_targets(p: _Problems, raw: dict) -> tuple[TargetSpec, ...]:
         if not isinstance(t, dict):
             p.add(path, f"must be a mapping {{name, memory}}, got {t!r}")
             continue
-        _check_keys(p, path, t, ("name", "memory", "bf16"))
+        _check_keys(p, path, t, ("name", "memory", "bf16", "partition"))
         name = t.get("name")
         if not isinstance(name, str) or not name:
             p.add(path + ("name",), f"must be a non-empty string, got {name!r}")
@@ -697,7 +700,13 @@ def _load_targets(p: _Problems, raw: dict) -> tuple[TargetSpec, ...]:
         if not isinstance(bf16, bool):
             p.add(path + ("bf16",), f"must be true or false, got {bf16!r}")
             bf16 = True
-        out.append(TargetSpec(name=name, memory_bytes=mem, memory_text=str(t.get("memory")), bf16=bf16))
+        partition = t.get("partition")
+        if partition is not None and (not isinstance(partition, str) or not partition.strip()
+                                      or any(c.isspace() for c in partition)):
+            p.add(path + ("partition",), f"must be a partition (queue) name, got {partition!r}")
+            partition = None
+        out.append(TargetSpec(name=name, memory_bytes=mem, memory_text=str(t.get("memory")),
+                              bf16=bf16, partition=partition))
     return tuple(out)
 
 

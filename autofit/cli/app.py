@@ -208,14 +208,15 @@ def tune(
 @app.command()
 def export(
     results_path: Annotated[Path, typer.Argument(help="results.json written by autofit tune")],
-    fmt: Annotated[list[str] | None, typer.Option("--format", "-f", help="slurm | lsf | torchrun | lightning | hf | deepspeed | targets (repeatable; default all)")] = None,
+    fmt: Annotated[list[str] | None, typer.Option("--format", "-f", help="slurm | lsf | torchrun | lightning | hf | deepspeed | targets (repeatable; default all) | slurm-tune | lsf-tune (arrays measuring each target GPU type; only when named)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="default: next to results.json")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", envvar="AUTOFIT_STORAGE", help="slurm-tune/lsf-tune: the shared study URL (written without its password)", show_default=False)] = None,
 ) -> None:
     """Regenerate submission scripts and framework configs from results.json, without re-tuning."""
     from autofit.api import export as api_export
 
     try:
-        written = api_export(results_path, fmt or None, out_dir)
+        written = api_export(results_path, fmt or None, out_dir, storage=storage)
     except AutofitError as exc:
         fail(exc)
     for path in written:

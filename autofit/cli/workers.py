@@ -12,8 +12,10 @@ from autofit.cli.common import SpecPath, err, fail, install_signal_handlers, out
 from autofit.errors import AutofitError, TuneFailed, TuneInterrupted
 
 StorageOpt = Annotated[str, typer.Option(
-    "--storage", help="the shared study: postgresql+psycopg://USER:PW@HOST:PORT/DB (any optuna "
-                      "RDB URL), or journal:PATH on one host", show_default=False)]
+    "--storage", envvar="AUTOFIT_STORAGE",
+    help="the shared study: postgresql+psycopg://USER[:PW]@HOST:PORT/DB (any optuna RDB URL; "
+         "the password may come from PGPASSWORD or ~/.pgpass), or journal:PATH on one host",
+    show_default=False)]
 LeaseOpt = Annotated[float, typer.Option(
     "--lease", help="seconds without a renewal after which a claim is stale and re-queued")]
 
@@ -48,6 +50,7 @@ def worker(
     worker_id: Annotated[str | None, typer.Option("--id", help="this worker's name in leases and logs")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="also write results.json, tuned.yaml ... here")] = None,
     lease: LeaseOpt = 60.0,
+    target: Annotated[str | None, typer.Option("--target", help="measure this target of the spec (its name) on this device, in its own study")] = None,
 ) -> None:
     """Join the spec's study in a shared storage and measure settings until it is finished."""
     from autofit.cli.report import TuneProgress
@@ -57,7 +60,7 @@ def worker(
         install_signal_handlers()
         with TuneProgress(out) as progress:
             result = work(spec_path, storage, device=device, worker_id=worker_id,
-                          out_dir=out_dir, on_event=progress, lease_s=lease)
+                          out_dir=out_dir, on_event=progress, lease_s=lease, target=target)
     except TuneFailed as exc:
         _failed(exc, spec_path, "start a worker again to continue the study")
     except AutofitError as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from autofit.export.batch_plan import BatchPlan, plan_batch, plan_for_output, summarize_plan
+from autofit.export.cluster_tune import TUNE_FILE_NAMES, render_lsf_tune, render_slurm_tune
 from autofit.export.common import ExportError, slugify
 from autofit.export.launchers import RDZV_PORT, render_lsf, render_slurm, render_torchrun
 from autofit.export.overlays import (
@@ -67,6 +68,7 @@ __all__ = [
     "RDZV_PORT",
     "SCHEMA_VERSION",
     "TARGET_CAVEAT",
+    "TUNE_FILE_NAMES",
     "BatchPlan",
     "ExportError",
     "Provenance",
@@ -81,7 +83,9 @@ __all__ = [
     "render_hf",
     "render_lightning",
     "render_lsf",
+    "render_lsf_tune",
     "render_slurm",
+    "render_slurm_tune",
     "render_target_config",
     "render_targets",
     "render_torchrun",
@@ -113,18 +117,21 @@ FILE_NAMES: dict[str, str] = {
 def _check_formats(formats: Sequence[str]) -> list[str]:
     if isinstance(formats, str):
         formats = [formats]
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in FORMATS and f not in TUNE_FILE_NAMES]
     if unknown:
         raise ExportError(
-            f"unknown export format {unknown[0]!r}; valid formats: {', '.join(FORMATS)}")
+            f"unknown export format {unknown[0]!r}; valid formats: "
+            f"{', '.join((*FORMATS, *TUNE_FILE_NAMES))}")
     return list(dict.fromkeys(formats))
 
 
 def write_exports(results: dict[str, Any], out_dir: Path, formats: Sequence[str] | None = None,
-                  output: OutputSpec | None = None) -> list[Path]:
+                  output: OutputSpec | None = None, storage: str | None = None) -> list[Path]:
     """Write the requested formats into ``out_dir``; returns the written paths in order.
 
-    ``formats=None`` writes every format, except scripts missing from ``output.scripts``.
+    ``formats=None`` writes every format, except scripts missing from ``output.scripts``;
+    ``slurm-tune`` / ``lsf-tune`` (arrays measuring each target GPU type, on the study
+    ``storage``, default ``$AUTOFIT_STORAGE``) only when asked for.
     ``output`` defaults to the spec's output section stored in ``results`` (the one tuned.yaml's
     ``autofit_tuned`` plan uses). Every file is rendered before any is written, then written
     atomically (``autofit.files.write_atomic``); scripts are 0o755, the rest 0o644. Raises
@@ -145,10 +152,12 @@ def write_exports(results: dict[str, Any], out_dir: Path, formats: Sequence[str]
         "hf": lambda: render_hf(results, plan),
         "deepspeed": lambda: render_deepspeed(results, plan),
         "targets": lambda: render_targets(results, output),
+        "slurm-tune": lambda: render_slurm_tune(results, output, storage),
+        "lsf-tune": lambda: render_lsf_tune(results, output, storage),
     }
     rendered: list[tuple[Path, str]] = []
     for fmt in chosen:
-        rendered.append((out_dir / FILE_NAMES[fmt], renderers[fmt]()))
+        rendered.append((out_dir / {**FILE_NAMES, **TUNE_FILE_NAMES}[fmt], renderers[fmt]()))
         if fmt == "targets":
             rendered += [(out_dir / name, text) for name, text in target_config_files(results)]
     return [write_atomic(path, text, 0o755 if path.suffix == ".sh" else 0o644)

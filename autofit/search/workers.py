@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from autofit.candidate import Candidate, Setting
-from autofit.choices import Objective, Purpose, Strategy
+from autofit.choices import Objective, Precision, Purpose, Strategy
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
 from autofit.search.events import EventHandler, Note, TrialFinished, emitter
 from autofit.search.plan import choose_strategy, nothing_fits_message, plan_limits, settings_of
@@ -51,6 +51,8 @@ TARGETS_ATTR = "autofit_targets"
 """Study user attr: the target configs the finishing worker wrote (verified on its device)."""
 LIMIT_ATTR = "autofit_limit"
 """Study user attr: the memory limit (and device) every worker of the study measures under."""
+TARGET_ATTR = "autofit_target"
+"""Study user attr of a target's study (``worker --target``): the target's measured config."""
 LEASE_PREFIX = "autofit_lease:"
 """Study user attr per claimed work item: who holds it, and when it was last renewed."""
 
@@ -156,8 +158,114 @@ def retry(op: Callable[[], Any], what: str, delays: tuple[float, ...] = RETRIES,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def study_name(spec: ExperimentSpec) -> str:
-    return f"autofit-{spec.name}-{spec.spec_hash()}"
+def study_name(spec: ExperimentSpec, target: str | None = None) -> str:
+    """``autofit-<name>-<hash>``; a target's own study (``worker --target``) adds ``@<slug>``."""
+    base = f"autofit-{spec.name}-{spec.spec_hash()}"
+    return base if target is None else f"{base}@{_target_slug(spec, target)}"
+
+
+# -- targets measured on their own GPU type ------------------------------------------------
+
+def _target_slug(spec: ExperimentSpec, name: str) -> str:
+    from autofit.export.targets import target_slugs
+
+    slugs = target_slugs([{"name": t.name} for t in spec.targets])
+    return slugs[[t.name for t in spec.targets].index(name)]
+
+
+def find_target(spec: ExperimentSpec, name: str) -> Any:
+    """The spec's target called ``name`` (or by its slug); one line listing them otherwise."""
+    from autofit.export.targets import target_slugs
+
+    slugs = target_slugs([{"name": t.name} for t in spec.targets])
+    for target, slug in zip(spec.targets, slugs, strict=True):
+        if name in (target.name, slug):
+            return target
+    known = ", ".join(t.name for t in spec.targets) or "none (add targets: [{name, memory}])"
+    raise AutofitError(f"--target {name!r}: the spec has no such target (targets: {known})")
+
+
+def target_spec(spec: ExperimentSpec, target: Any, device: str | None) -> ExperimentSpec:
+    """The spec as measured on ``target``'s own GPU type: the budget is the target's memory
+    (on CUDA less the CUDA context, as the predicted target rows count it; on a CPU the
+    target's memory is the budget the CPU trials enforce), fp16 for bf16 where the target has
+    no bf16, no targets of its own. The raw spec (and so its hash) is unchanged."""
+    from autofit.device import resolve_device
+    from autofit.predict.device_model import CUDA_DEFAULT
+
+    on_cuda = (device or resolve_device(spec.device)).startswith("cuda")
+    budget = target.memory_bytes - (CUDA_DEFAULT.context_bytes if on_cuda else 0)
+    if budget <= 0:
+        raise AutofitError(f"target {target.name}: memory {target.memory_text} leaves nothing "
+                           f"after the CUDA context")
+    precisions = spec.search.precisions
+    if not target.bf16:
+        precisions = tuple(dict.fromkeys(Precision.FP16 if p == Precision.BF16 else p
+                                         for p in precisions))
+    return replace(spec, targets=(),
+                   memory=replace(spec.memory, budget_bytes=budget,
+                                  budget_text=f"{target.memory_text} (target {target.name})"),
+                   search=replace(spec.search, precisions=precisions))
+
+
+def measured_on(plan: Any) -> str:
+    """The device that measured a study: the GPU's name, or the CPU and its host."""
+    name = str(plan.device_info.get("name") or plan.device)
+    if plan.device_info.get("kind") == "cuda":
+        return name
+    return f"CPU {name} on {socket.gethostname()}"
+
+
+def target_entry(target: Any, result: TuneResult, plan: Any) -> dict[str, Any]:
+    """A ``targets`` row for a target measured on its own device (its study's winner)."""
+    from autofit.units import format_bytes
+
+    assert result.best is not None
+    best = result.best
+    candidate = best.result.candidate
+    device = measured_on(plan)
+    real = len(result.trials)
+    return {
+        "name": target.name, "memory_bytes": target.memory_bytes, "bf16": target.bf16,
+        "precision": candidate.precision.value, "checkpoint_segments": candidate.checkpoint_segments,
+        "input_size": candidate.input_size, "batch_size": candidate.batch_size,
+        "predicted_peak_bytes": best.predicted_peak_bytes,
+        "measured_peak_bytes": best.result.peak_bytes,
+        "samples_per_s": best.result.samples_per_s,
+        "verified": True, "failed": False, "measured": True, "measured_on": device,
+        "limit_bytes": plan.limit_bytes,
+        "note": (f"measured on {device} by `autofit worker --target` ({real} trials under "
+                 f"{format_bytes(plan.limit_bytes)}, the target's memory less the margin)"),
+    }
+
+
+def with_measured_targets(spec: ExperimentSpec, storage: Any,
+                          targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``targets`` with each row a target's own study has measured replaced by that
+    measurement (the predicted batch kept as ``predicted_batch_size``); a target whose study
+    is still working says so in its note."""
+    import optuna
+
+    names = set(retry(lambda: optuna.get_all_study_names(storage), "listing studies"))
+    out = []
+    for entry in targets:
+        name = study_name(spec, entry["name"]) if any(
+            t.name == entry.get("name") for t in spec.targets) else None
+        if name is None or name not in names:
+            out.append(entry)
+            continue
+        study = retry(lambda name=name: optuna.load_study(study_name=name, storage=storage),
+                      "opening a target's study")
+        measured = retry(lambda study=study: study.user_attrs, "reading a target's study"
+                         ).get(TARGET_ATTR)
+        if measured is None:
+            pending = WorkQueue(study, "check").pending("setting")
+            out.append({**entry, "note": f"{entry.get('note', '')}; being measured on its own "
+                                         f"GPU type (study {name}: {pending} setting(s) "
+                                         f"left)"})
+            continue
+        out.append({**measured, "predicted_batch_size": entry.get("batch_size")})
+    return out
 
 
 # -- the queue and its leases --------------------------------------------------------------
@@ -480,6 +588,9 @@ def finish(search: Any, settings: list[Setting], runner_for_targets: Any) -> Tun
                                            search.emit)
         retry(lambda: search.ledger.study.set_user_attr(TARGETS_ATTR, result.targets),
               "recording the targets")
+    # targets measured on their own GPU type (``worker --target``) replace predicted rows
+    result.targets = with_measured_targets(search.spec, search.ledger.study._storage,
+                                           result.targets)
     return result
 
 
@@ -508,8 +619,8 @@ def _recall_only(spec: ExperimentSpec, candidate: Candidate, **_: Any) -> TrialR
 
 
 def open_worker_study(spec: ExperimentSpec, storage_url: str, *, create: bool,
-                      say: Callable[[str], None]) -> tuple[Any, bool]:
-    """The spec's study in the shared storage: (study, created by this call).
+                      say: Callable[[str], None], name: str | None = None) -> tuple[Any, bool]:
+    """The spec's study (or ``name``: a target's) in the shared storage: (study, created).
 
     Refuses a storage whose same-named spec with a different hash still has work running.
     """
@@ -519,7 +630,8 @@ def open_worker_study(spec: ExperimentSpec, storage_url: str, *, create: bool,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
-    name = study_name(spec)
+    name = name or study_name(spec)
+    mine = study_name(spec)  # this spec's studies: its own and its targets' (``@<slug>``)
     where = describe_storage(storage_url)
 
     def names() -> list[str]:
@@ -527,7 +639,8 @@ def open_worker_study(spec: ExperimentSpec, storage_url: str, *, create: bool,
 
     existing = retry(names, "listing studies")
     for other in existing:
-        if other == name or not other.startswith(f"autofit-{spec.name}-"):
+        if other in (name, mine) or other.startswith(f"{mine}@") \
+                or not other.startswith(f"autofit-{spec.name}-"):
             continue
         queue = WorkQueue(optuna.load_study(study_name=other, storage=storage), "check")
         if queue.pending("setting") or queue.pending("finish"):
@@ -554,11 +667,16 @@ def open_worker_study(spec: ExperimentSpec, storage_url: str, *, create: bool,
 def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
                worker_id: str | None = None, on_event: EventHandler | None = None,
                runner: Callable[..., TrialResult] | None = None, lease_s: float = LEASE_S,
-               poll_s: float = 1.0, assemble_only: bool = False) -> TuneResult:
+               poll_s: float = 1.0, assemble_only: bool = False,
+               target: str | None = None) -> TuneResult:
     """Work on the spec's study in ``storage`` until it is finished; return the result.
 
     ``assemble_only``: run nothing, answer from the study (``autofit results``); raises
     ``TuneFailed`` with the partial result while work is pending.
+    ``target``: measure that target of the spec on this device instead, in the target's own
+    study (``target_spec``: its memory is the budget); the finishing worker records the
+    winner as the target's measured row (``TARGET_ATTR``), which every assembly of the
+    spec's own study then puts into ``targets`` in place of the predicted one.
     Raises ``TuneFailed`` (``TuneInterrupted`` on Ctrl-C) with every trial of the study in
     ``partial``; ``StorageUnavailable`` when the storage cannot be opened.
     """
@@ -572,9 +690,14 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
     runner = runner or run_trial
     if assemble_only:
         runner = _recall_only
+    name, measuring = None, None
+    if target is not None:
+        measuring = find_target(spec, target)
+        name = study_name(spec, measuring.name)
+        spec = target_spec(spec, measuring, device)
     plan = plan_limits(spec, device)
     study, created = open_worker_study(spec, storage, create=not assemble_only,
-                                       say=lambda m: emit(Note(m)))
+                                       say=lambda m: emit(Note(m)), name=name)
     ledger = WorkerLedger(spec, plan.limit_bytes, plan.device, study, runner, emit, 0)
     search = Search(spec, plan, {}, {}, ledger, emit, Strategy.BINARY, None)
     search.started, search.predict_s = started, 0.0  # type: ignore[attr-defined]
@@ -626,6 +749,13 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
             if item is not None:
                 with Heartbeat(queue, item):
                     result = finish(search, settings, runner)
+                    if measuring is not None:
+                        row = target_entry(measuring, result, plan)
+                        retry(lambda row=row: study.set_user_attr(TARGET_ATTR, row),
+                              "recording the target's measurement")
+                        search.say(f"target {measuring.name}: batch {row['batch_size']} "
+                                   f"{row['precision']} ckpt={row['checkpoint_segments']}, "
+                                   f"measured on {row['measured_on']}")
                 queue.done(item)
                 item = None
                 return _done(search, result, started)
@@ -657,11 +787,20 @@ def _same_limit(study: Any, plan: Any, created: bool) -> None:
             f"the study {study.study_name} measures under {theirs['limit_bytes']} bytes "
             f"({theirs['device']}); this worker's limit is {plan.limit_bytes} bytes "
             f"({mine['device']}): workers of one study need the same memory limit (set "
-            f"memory.budget, or give each GPU type its own spec name)")
+            f"memory.budget, or measure each GPU type as a target of the spec: "
+            f"`autofit worker --target NAME`)")
 
 
 def _wait_queued(queue: WorkQueue, lease_s: float, poll_s: float) -> None:
     deadline = time.time() + lease_s
+    if not queue.queued and not queue.items():
+        found = retry(lambda: measured_trials(queue.study), "loading the study's trials")
+        if found:  # a single-process study: no worker will ever queue its work
+            raise AutofitError(
+                f"the study {queue.study.study_name} holds {len(found)} trial(s) of a plain "
+                f"`autofit tune` (no work queue): workers cannot join it; start over with "
+                f"`autofit tune --workers N --force` (deletes it), or use another --out or "
+                f"--storage")
     while not queue.queued:
         if time.time() > deadline:
             raise AutofitError(f"the study {queue.study.study_name} exists but its work was "
