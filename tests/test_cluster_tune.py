@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import landscape  # noqa: E402
 from test_export import RESULTS  # noqa: E402
+from test_workers import postgres  # noqa: E402, F401 - the throwaway PostgreSQL fixture
 
 GOLDEN = HERE / "golden" / "cluster_tune"
 REGEN = os.environ.get("AUTOFIT_REGEN_GOLDEN") == "1"
@@ -55,7 +56,14 @@ def cpu_raw(name: str) -> dict[str, Any]:
 
 # -- the measured target ------------------------------------------------------------------
 
-def test_target_worker_measures_under_the_targets_memory(tmp_path: Path, one_thread: None) -> None:
+@pytest.fixture(params=["journal", "postgres"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "journal":
+        return f"journal:{tmp_path / 'study.journal'}"
+    return request.getfixturevalue("postgres")
+
+
+def test_target_worker_measures_under_the_targets_memory(storage: str, one_thread: None) -> None:
     """The spec's study, then ``--target cpu-small``: the assembled targets hold the target's
     own search (under 2 MiB less the margin), marked measured with this CPU's name; the
     other target stays predicted-only. Each study refuses nothing of the other."""
@@ -63,8 +71,8 @@ def test_target_worker_measures_under_the_targets_memory(tmp_path: Path, one_thr
     from autofit.search.workers import run_worker, study_name
     from autofit.spec import spec_from_dict
 
-    spec = spec_from_dict(cpu_raw("target-measured"))
-    url = f"journal:{tmp_path / 'study.journal'}"
+    spec = spec_from_dict(cpu_raw(f"target-measured-{os.getpid()}-{time.time_ns() % 10**6}"))
+    url = storage
     main = run_worker(spec, url, runner=landscape.Landscape(), poll_s=0.1)
     assert [t.get("measured") for t in main.targets] == [None, None]
 
@@ -81,7 +89,7 @@ def test_target_worker_measures_under_the_targets_memory(tmp_path: Path, one_thr
     assert small["measured_on"].startswith("CPU ") and small["limit_bytes"] == limit
     assert small["measured_peak_bytes"] == best.peak_bytes
     assert not big.get("measured") and big["batch_size"] > 0
-    text = render_targets({"targets": again.targets, "spec": cpu_raw("target-measured")})
+    text = render_targets({"targets": again.targets, "spec": cpu_raw(spec.name)})
     rows = yaml.safe_load(text)["targets"]
     assert [r["status"] for r in rows] == ["measured", "predicted-only"]
     assert rows[0]["measured_on"] == small["measured_on"]
