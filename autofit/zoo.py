@@ -11,6 +11,8 @@ Models (all builders take plain keyword arguments with defaults):
   ``PRESETS`` for GPT-2 (124M) up to a 6.7B configuration.
 - ``lstm_lm``: an LSTM/GRU language model (its CPU kernel's workspace is invisible to
   fake tensors; ``autofit.predict.calibrate`` corrects it from a probe).
+- ``gru_seq2seq``: a GRU encoder-decoder (teacher forcing, token cross-entropy).
+- ``audio_conv1d``: an M5-style 1-D conv net on raw waveforms ``(B, 1, samples)``.
 - ``mlp``: a plain ``nn.Sequential`` MLP, usable directly with
   ``torch.utils.checkpoint.checkpoint_sequential``.
 
@@ -39,6 +41,8 @@ __all__ = [
     "ResNet",
     "ViT",
     "gpt",
+    "audio_conv1d",
+    "gru_seq2seq",
     "lstm_lm",
     "mlp",
     "resnet",
@@ -537,3 +541,99 @@ def lstm_lm(vocab_size: int = 2000, dim: int = 128, num_layers: int = 2,
     if cell not in ("lstm", "gru"):
         raise ValueError(f"unknown cell {cell!r}; valid cells: ['gru', 'lstm']")
     return LSTMLM(vocab_size, dim, num_layers, cell)
+
+
+
+# -----------------------------------------------------------------------------
+# GRU seq2seq (encoder GRU + decoder GRU, teacher forcing)
+
+
+class GRUSeq2Seq(nn.Module):
+    """Encoder GRU over ``src``; its final state starts a decoder GRU fed the target shifted
+    right by one (teacher forcing: token ``bos_id`` first).
+
+    ``forward(src, tgt)`` returns the mean token cross-entropy of the decoder's predictions
+    of ``tgt`` (``loss: model`` with ``data.batch: {src: tokens, tgt: tokens}``);
+    ``forward(src)`` returns logits ``(B, T, vocab_size)`` for the reversed source (the
+    single-tensor shorthand with ``loss: cross_entropy``).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int, bidirectional: bool,
+                 bos_id: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.bos_id = bos_id
+        self.src_embed = nn.Embedding(vocab_size, dim)
+        self.tgt_embed = nn.Embedding(vocab_size, dim)
+        self.encoder = nn.GRU(dim, dim, num_layers=num_layers, batch_first=True,
+                              bidirectional=bidirectional)
+        self.decoder = nn.GRU(dim, dim, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor | None = None) -> torch.Tensor:
+        _, h = self.encoder(self.src_embed(src))  # (L * dirs, B, dim)
+        if self.bidirectional:  # sum the two directions of each layer
+            h = h.view(self.num_layers, 2, *h.shape[1:]).sum(1)  # (L, B, dim)
+        target = src.flip(1) if tgt is None else tgt  # (B, T) ids
+        bos = torch.full_like(target[:, :1], self.bos_id)  # (B, 1)
+        dec_in = torch.cat([bos, target[:, :-1]], dim=1)  # (B, T): shifted right
+        y, _ = self.decoder(self.tgt_embed(dec_in), h)  # (B, T, dim)
+        logits = self.head(y)  # (B, T, vocab_size)
+        if tgt is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1))
+
+
+def gru_seq2seq(vocab_size: int = 2000, dim: int = 128, num_layers: int = 2,
+                bidirectional: bool = False, bos_id: int = 0) -> nn.Module:
+    """A GRU encoder-decoder over ``vocab_size`` tokens (see ``GRUSeq2Seq``)."""
+    if not 0 <= bos_id < vocab_size:
+        raise ValueError(f"bos_id must be in [0, {vocab_size}), got {bos_id}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return GRUSeq2Seq(vocab_size, dim, num_layers, bidirectional, bos_id)
+
+
+# -----------------------------------------------------------------------------
+# 1-D conv audio classifier (M5-style, raw waveform)
+
+
+class AudioConv1d(nn.Module):
+    """M5-style classifier of raw waveforms ``(B, in_channels, samples)``: a wide strided
+    first conv, then 3-tap convs, each with BatchNorm, ReLU and max-pool by 4; global average
+    pool and a linear head. Any length of at least ``min_samples`` works."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int, stride: int,
+                 kernel: int, inplace: bool) -> None:
+        super().__init__()
+        chans = [width, width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(chans):
+            k, s = (kernel, stride) if i == 0 else (3, 1)
+            layers += [nn.Conv1d(prev, ch, k, stride=s, padding=0 if i == 0 else 1, bias=False),
+                       nn.BatchNorm1d(ch), nn.ReLU(inplace=inplace), nn.MaxPool1d(4)]
+            prev = ch
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(*layers[i:i + 4]) for i in range(0, len(layers), 4)])
+        self.head = nn.Linear(prev, num_classes)
+        self.min_samples = kernel + stride * (4 ** len(chans) - 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)  # (B, C_i, samples / (stride * 4^(i+1)))
+        return self.head(x.mean(dim=2))  # (B, num_classes)
+
+
+def audio_conv1d(num_classes: int = 35, in_channels: int = 1, width: int = 32,
+                 stride: int = 16, kernel: int = 80, inplace: bool = True) -> nn.Module:
+    """An M5-style raw-waveform classifier (Dai et al., 2017; width 128 is the paper's M5)."""
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                        ("width", width), ("stride", stride), ("kernel", kernel)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return AudioConv1d(num_classes, in_channels, width, stride, kernel, inplace)

@@ -2,7 +2,9 @@
 
 Each case is a plain spec dict (what ``autofit.spec.spec_from_dict`` takes), small enough to
 run real training steps on a 2-core CPU in well under a second at batch 4 (fp32). Every zoo
-model appears once: mlp, resnet, vit, gpt.
+model appears once: mlp, resnet, vit, gpt in ``CASES`` (the rows every benchmark runs), and
+the workspace-heavy ones in ``WORKSPACE_CASES`` (``lstm``, ``gru_s2s``, ``audio``, ``resnet18``:
+extra rows of ``bench_estimate``'s probe-calibration table).
 """
 
 from __future__ import annotations
@@ -47,6 +49,44 @@ CASES: dict[str, dict[str, Any]] = {
     },
 }
 
+WORKSPACE_CASES: dict[str, dict[str, Any]] = {
+    "lstm": {  # CPU LSTM: aten.mkldnn_rnn_layer's fake kernel returns an empty workspace
+        "name": "lstm-lm-2x128",
+        "model": {"_target_": "autofit.zoo.lstm_lm", "vocab_size": 2000, "dim": 128,
+                  "num_layers": 2},
+        "data": {"kind": "tokens", "vocab_size": 2000, "seq_len": 64},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3},
+    },
+    "gru_s2s": {  # encoder (bidirectional) + decoder GRU, teacher forcing, the model's loss
+        "name": "gru-seq2seq-2x128",
+        "model": {"_target_": "autofit.zoo.gru_seq2seq", "vocab_size": 2000, "dim": 128,
+                  "num_layers": 2, "bidirectional": True},
+        "data": {"kind": "tokens", "vocab_size": 2000, "seq_len": 32,
+                 "batch": {"src": "tokens", "tgt": "tokens"}},
+        "loss": "model",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3},
+    },
+    "resnet18": {  # the zoo's ResNet-18 CIFAR at full width: oneDNN convolution scratch
+        "name": "resnet18-cifar",
+        "model": {"_target_": "autofit.zoo.resnet", "depth": 18, "width": 64, "num_classes": 10},
+        "data": {"kind": "image", "channels": 3, "size": 32, "num_classes": 10},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+    },
+    "audio": {  # raw waveform (B, 1, samples): input size = samples (1 s at 16 kHz)
+        "name": "audio-m5-w32",
+        "model": {"_target_": "autofit.zoo.audio_conv1d", "num_classes": 35, "width": 32},
+        "data": {"kind": "tokens", "vocab_size": 2, "seq_len": 16000,
+                 "batch": [{"kind": "normal", "shape": [1, "input_size"]}, {"classes": 35}]},
+        "loss": "cross_entropy",
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3},
+    },
+}
+"""Workspace-heavy zoo models. ``audio`` uses ``data.kind: tokens`` only for its size axis
+(``seq_len`` = samples, searched by ``search.input_size``); its batch is a float waveform
+and a class id per sample."""
+
 GPT_TINY: dict[str, Any] = {
     "name": "gpt-l2-e64",
     "model": {"_target_": "autofit.zoo.gpt", "vocab_size": 256, "block_size": 128,
@@ -76,6 +116,8 @@ def case(name: str) -> dict[str, Any]:
     """A deep copy of one case's spec dict (safe to modify)."""
     if name == "gpt_tiny":
         return copy.deepcopy(GPT_TINY)
+    if name in WORKSPACE_CASES:
+        return copy.deepcopy(WORKSPACE_CASES[name])
     return copy.deepcopy(CASES[name])
 
 

@@ -6,6 +6,7 @@ Usage::
     python scripts/bench_estimate.py --quick    # fp32 only (~3 min on 2 cores)
     python scripts/bench_estimate.py --markdown out/bench_estimate.md
     python scripts/bench_estimate.py --only-step-kinds --quick   # step-kind rows, fp32 (~1 min)
+    python scripts/bench_estimate.py --only-calibration          # probe-calibration rows (~4 min)
 
 Issue targets (figures are printed, never asserted): predicted peak within 3% of the measured
 real step for every row; ``estimate`` < 2 s per shipped config; it finishes for a > 1B-param
@@ -60,6 +61,23 @@ trials run), ``profiler`` as above. Rows (batch ``--batch``, every precision of 
 
 Rows whose framework (``transformers``, ``lightning``) is not installed are skipped with the
 reason printed. ``kind``: the step kind the real job ran (``TrainingJob.step_kind``).
+
+A third table, **probe calibration** (``autofit.predict.calibrate``), one row per zoo case
+(mlp, resnet, vit, gpt, and the workspace-heavy ``lstm`` LM, ``gru_s2s`` seq2seq, ``audio``
+conv1d and full-width ``resnet18`` CIFAR) x fp32/bf16 (``--quick``: fp32), no checkpointing:
+a real probe trial at
+``--batch`` calibrates the setting (``calibrate.probe``, CPU allocator view on), then a real
+trial at twice that batch, which the probe never saw, is the reference:
+
+* ``trial MiB``: that trial's measured peak (the tracker's view, what ``cpu_limit: budget``
+  counts); ``before`` / ``after``: the error of ``estimate`` at the check batch without and
+  with the probe's calibration; ``corrected``: the op outputs the calibration corrected.
+* ``allocator MiB``: the same check trial's CPU allocator peak (``calibrate.AllocatorView``:
+  ``torch.profiler`` with ``profile_memory=True``, every c10 CPU allocation including oneDNN
+  scratch that never passes dispatch); ``alloc +``: what it adds over the tracker;
+  ``vs alloc``: the calibrated (tracker-view) prediction against it, ``rlimit``: the
+  prediction of the same spec with ``cpu_limit: rlimit``, where the probe's allocator excess is
+  added; ``at alloc peak``: the op running at the check trial's allocator peak.
 
 The summary ends with ``estimate`` wall time for each shipped config (``configs/*.yaml``) at
 ``search.batch_size.min`` (largest input size, first precision and segment count, like
@@ -377,6 +395,12 @@ def main() -> None:
                         help="comma-separated zoo cases (default: all)")
     parser.add_argument("--only-step-kinds", action="store_true",
                         help="only the step-kind table (hf, hf_trainer, lightning, ...)")
+    parser.add_argument("--only-calibration", action="store_true",
+                        help="only the probe-calibration table")
+    parser.add_argument("--calibration-cases", default=",".join(CALIBRATION_CASES),
+                        help="comma-separated cases of the probe-calibration table")
+    parser.add_argument("--calibration-precisions", default="fp32,bf16",
+                        help="precisions of the probe-calibration rows (fp32,bf16; --quick: fp32)")
     args = parser.parse_args()
 
     runner = ForkRunner()  # before any torch op runs here
@@ -397,6 +421,13 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
 
     precisions = ["fp32"] if args.quick else ["fp32", "bf16", "fp16"]
     segments = [0, 2]
+    if args.only_calibration:
+        out("# bench_estimate: probe calibration")
+        out()
+        out(machine_line())
+        out()
+        _run_calibration(args, out)
+        return
     names = [] if args.only_step_kinds else [n for n in args.cases.split(",") if n]
     out("# bench_estimate: predicted vs measured peak of one training step")
     out()
@@ -463,6 +494,9 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
     # ---- step kinds
     kind_errs = _run_step_kinds(args, runner, out, precisions)
 
+    # ---- probe calibration
+    cal_line = "" if args.only_step_kinds else _run_calibration(args, out)
+
     # ---- shipped configs
     configs = [] if args.only_step_kinds else sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
     cfg_rows = []
@@ -505,8 +539,97 @@ def _run(args: argparse.Namespace, runner: ForkRunner, out: Report) -> None:
         f"vs profiler {mx(errs_prof)}; naive formula mean |error| {mean_naive:.1f}% "
         f"(max {mx(errs_naive)}); trace time per row median "
         f"{sorted(trace_times)[len(trace_times) // 2] if trace_times else float('nan'):.2f} s "
-        f"(first trace in this process {cold_first:.2f} s); {kinds_line}; estimate cold/warm "
+        f"(first trace in this process {cold_first:.2f} s); {kinds_line}; {cal_line}; "
+        "estimate cold/warm "
         "per config: " + "; ".join(cfg_summary))
+
+
+CALIBRATION_CASES = ["mlp", "resnet", "vit", "gpt", "lstm", "gru_s2s", "audio", "resnet18"]
+
+
+def _run_calibration(args: argparse.Namespace, out: Report) -> str:
+    """The probe-calibration table (see the module docstring); returns its summary line."""
+    import copy
+
+    from autofit.candidate import Candidate
+    from autofit.predict import CPU, estimate
+    from autofit.predict import calibrate as calib
+    from autofit.spec import spec_from_dict
+    from autofit.trials.runner import run_trial, shutdown
+
+    header = ["case", "prec", "probe>check batch", "trial MiB", "before", "after", "corrected",
+              "allocator MiB", "alloc +", "vs alloc", "rlimit", "at alloc peak"]
+    rows: list[list[Any]] = []
+    before_errs, after_errs, rlimit_errs = [], [], []
+    notes: list[str] = []
+    names = [n for n in args.calibration_cases.split(",") if n]
+    precisions = ["fp32"] if args.quick else [p for p in args.calibration_precisions.split(",") if p]
+    for name, precision in ((n, p) for n in names for p in precisions):
+        raw = with_budget(case(name))
+        spec = spec_from_dict(raw, f"<{name}>")
+        raw_r = copy.deepcopy(raw)
+        raw_r["memory"] = {"cpu_limit": "rlimit"}
+        spec_r = spec_from_dict(raw_r, f"<{name} rlimit>")
+        probe_c = Candidate(batch_size=args.batch, input_size=spec.default_input_size,
+                            precision=precision)
+        check_c = probe_c.with_batch(2 * args.batch)
+        t0 = time.perf_counter()
+        before = estimate(spec, check_c, CPU)
+        store = calib.CalibrationStore()
+        cal, probe = calib.probe(spec, probe_c, CPU, store)
+        check = run_trial(spec, check_c, steps=1, allocator_view=True)
+        if cal is None or not check.fits or check.memory is None:
+            why = probe.message if cal is None else check.message
+            out(f"{name} {precision}: probe or check trial did not fit: {why}")
+            continue
+        with calib.using(store):
+            after = estimate(spec, check_c, CPU)
+            after_r = estimate(spec_r, check_c, CPU)
+        measured = check.memory.peak_bytes
+        alloc = int(check.extra.get("allocator_peak_bytes") or 0)
+        e_b, e_a = err_pct(before.peak_bytes, measured), err_pct(after.peak_bytes, measured)
+        e_r = err_pct(after_r.peak_bytes, alloc)
+        before_errs.append(e_b)
+        after_errs.append(e_a)
+        rlimit_errs.append(e_r)
+        corrected = ", ".join(
+            f"{c.op}: {fmt_mib(c.probes[-1].traced_per_call)} traced vs "
+            f"{fmt_mib(c.probes[-1].real_per_call)} MiB real per call at batch "
+            f"{c.probes[-1].batch_size}" for c in cal.ops.values()) or "-"
+        rows.append([name, precision, f"{args.batch}>{2 * args.batch}", fmt_mib(measured), f"{e_b:+.2f}%",
+                     f"{e_a:+.2f}%", corrected, fmt_mib(alloc), f"{err_pct(alloc, measured):+.2f}%",
+                     f"{err_pct(after.peak_bytes, alloc):+.2f}%", f"{e_r:+.2f}%",
+                     check.extra.get("allocator_peak_op") or "-"])
+        notes += [f"{name}: {m}" for m in cal.messages]
+        print(f"  {name:8s} {precision} before {e_b:+.2f}% after {e_a:+.2f}% rlimit vs allocator {e_r:+.2f}% "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    shutdown()
+    out(f"## probe calibration: probe at batch {args.batch}, checked at batch {2 * args.batch} "
+        "(no checkpointing)")
+    out()
+    if rows:
+        out(markdown_table(header, rows))
+        out()
+    out("before / after: (estimate - trial) / trial without / with the probe's calibration. "
+        "alloc +: (allocator - trial) / trial. vs alloc: the calibrated prediction against the "
+        "allocator view; rlimit: the prediction with cpu_limit: rlimit (probe's allocator excess "
+        "added) against it.")
+    out()
+    out("probe messages:")
+    out()
+    for line in notes:
+        out(f"- {line}")
+    out()
+
+    def mx(values: list[float]) -> str:
+        return f"{max(abs(v) for v in values):.2f}%" if values else "-"
+
+    line = (f"calibration: {len(rows)} rows, max |error| before {mx(before_errs)}, after "
+            f"{mx(after_errs)} ({sum(abs(v) < 3.0 for v in after_errs)}/{len(after_errs)} within "
+            f"3%), rlimit vs allocator {mx(rlimit_errs)}")
+    out(line)
+    out()
+    return line
 
 
 STEP_KIND_CONFIGS = {"hf_gpt2": "configs/hf_gpt2.yaml", "hf_bert": "configs/hf_bert.yaml",

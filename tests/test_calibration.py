@@ -362,3 +362,129 @@ def test_reserve_is_calibrated_per_setting_from_the_probe(ws_spec, one_thread) -
     assert abs(_error(after.reserved_bytes, reserved)) < 0.03
     assert after.allocated_bytes == before.allocated_bytes  # nothing else was wrong
     assert store.applied(ws_spec, probe, "cpu") is None  # a CUDA reserve says nothing of CPU
+
+
+# ------------------------------------------------------------------ the CPU allocator's view
+SCRATCH_BYTES = 8 * 2**20
+
+
+@torch.library.custom_op("autofit_test::scratch_relu", mutates_args=())
+def scratch_relu(x: torch.Tensor) -> torch.Tensor:
+    # as a oneDNN kernel's scratch: allocated, written, freed before the op returns, never
+    # an output, so dispatch (and the tracker) never sees it; the CPU allocator does
+    with _disable_current_modes():
+        scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
+        scratch.fill_(1)
+        del scratch
+        return torch.relu(x)
+
+
+@scratch_relu.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _scratch_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(output)
+
+
+def _scratch_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    (out,) = ctx.saved_tensors
+    return grad * (out > 0)
+
+
+scratch_relu.register_autograd(_scratch_backward, setup_context=_scratch_setup)
+
+
+class ScratchNet(nn.Module):
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, dim)
+        self.b = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.autofit_test.scratch_relu(self.a(x)))
+
+
+def scratch_net() -> nn.Module:
+    return ScratchNet()
+
+
+SCRATCH_RAW = {**WS_RAW, "name": "scratch", "model": {"_target_": "test_calibration.scratch_net"}}
+
+
+def _real_with_allocator_view(raw: dict, candidate: Candidate) -> TrialResult:
+    data = run_in_child({"spec": raw, "candidate": candidate.to_dict(), "device": "cpu",
+                         "limit_bytes": None, "warmup_steps": 2, "steps": 1,
+                         "allocator_view": True})
+    result = TrialResult.from_dict(data)
+    assert result.fits, result.message
+    result.extra = {k: data[k] for k in ("allocator_peak_bytes", "allocator_peak_op")}
+    return result
+
+
+def test_allocator_view_sees_scratch_dispatch_never_sees(one_thread) -> None:  # type: ignore[no-untyped-def]
+    spec = spec_from_dict(SCRATCH_RAW)
+    probe = Candidate(batch_size=8, input_size=0)
+    real = _real_with_allocator_view(SCRATCH_RAW, probe)
+    tracked, allocated = real.memory.peak_bytes, real.extra["allocator_peak_bytes"]
+    assert tracked < SCRATCH_BYTES / 10  # the tracker never sees the scratch
+    assert abs(allocated - tracked - SCRATCH_BYTES) < 0.02 * SCRATCH_BYTES
+    assert real.extra["allocator_peak_op"] == "autofit_test::scratch_relu"
+    assert abs(_error(estimate(spec, probe, CPU).peak_bytes, tracked)) < 0.01  # trace == tracker
+
+    store = C.CalibrationStore()
+    cal = C.calibrate_from_trial(spec, real, CPU, store)
+    assert not cal.ops and not cal.unexplained_slope  # no op output is wrong: nothing per op
+    line = next(m for m in cal.messages if m.startswith("allocator view at batch=8"))
+    assert "inside autofit_test::scratch_relu" in line and "cpu_limit: rlimit" in line
+    other = Candidate(batch_size=64, input_size=0)
+    real_other = _real_with_allocator_view(SCRATCH_RAW, other)
+    # the budget limit counts tracked tensors: no scratch added
+    assert store.applied(spec, other, "cpu") is None
+    # the rlimit limit is the allocator: the scratch is added, within 3% of its view
+    rlimit = spec_from_dict({**SCRATCH_RAW, "memory": {"budget": "1GiB", "cpu_limit": "rlimit"}})
+    with C.using(store):
+        before = estimate(rlimit, other, CPU).peak_bytes
+    with C.using(C.CalibrationStore.from_dict(json.loads(json.dumps(store.to_dict())))):
+        after = estimate(rlimit, other, CPU).peak_bytes
+    assert before == after  # the round trip keeps it
+    assert _error(estimate(rlimit, other, CPU).peak_bytes,
+                  real_other.extra["allocator_peak_bytes"]) < -0.5
+    assert abs(_error(after, real_other.extra["allocator_peak_bytes"])) < 0.03
+
+
+def test_scratch_fit_one_probe_constant_two_affine_never_negative() -> None:
+    cal = C.Calibration("fp32/0/cpu")
+    cal.allocator = [C.AllocatorProbe(8, 32, 256, 10_000_000, 10_500_000, "aten::convolution_backward")]
+    cal.refit_scratch()
+    assert cal.scratch_bytes(256) == cal.scratch_bytes(4096) == 500_000
+    cal.allocator.append(C.AllocatorProbe(16, 32, 512, 20_000_000, 20_700_000, ""))
+    cal.refit_scratch()
+    assert cal.scratch_bytes(256) == 500_000 and cal.scratch_bytes(768) == 900_000
+    cal.allocator = [C.AllocatorProbe(4, 1, 4, 100, 900, ""), C.AllocatorProbe(8, 1, 8, 200, 500, "")]
+    cal.refit_scratch()
+    assert cal.scratch_bytes(64) == 0  # a falling fit stops at no scratch
+    assert C.Calibration.from_dict(cal.to_dict()).scratch_bytes(6) == cal.scratch_bytes(6) == 550
+
+
+# ------------------------------------------------------------------ GRU: no mkldnn path on CPU
+GRU_RAW = {"name": "gru", "model": {"_target_": "autofit.zoo.gru_seq2seq", "vocab_size": 50,
+                                    "dim": 32, "num_layers": 2, "bidirectional": True},
+           "data": {"kind": "tokens", "vocab_size": 50, "seq_len": 8,
+                    "batch": {"src": "tokens", "tgt": "tokens"}},
+           "loss": "model", "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+           "device": "cpu", "memory": {"budget": "1GiB"}}
+
+
+def test_gru_seq2seq_needs_no_correction_on_cpu(one_thread) -> None:  # type: ignore[no-untyped-def]
+    """CPU GRUs (bidirectional, multi-layer, batch_first) run as plain ATen ops, no
+    ``mkldnn_rnn_layer``: the trace is exact and the calibration corrects nothing."""
+    spec = spec_from_dict(GRU_RAW)
+    probe = Candidate(batch_size=8, input_size=8)
+    real = _real(GRU_RAW, probe)
+    assert not any("rnn" in key for key in real.op_log)
+    assert C.known_misreporting(real.op_log) == []
+    assert abs(_error(estimate(spec, probe, CPU).peak_bytes, real.memory.peak_bytes)) < 0.01
+    cal = C.calibrate_from_trial(spec, real, CPU, C.CalibrationStore())
+    assert not cal.ops and not cal.unexplained_slope

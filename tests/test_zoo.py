@@ -237,3 +237,79 @@ def test_fake_tensor_mode_forward_backward(build) -> None:
             grads = [p.grad for p in model.parameters()]
     assert out.shape[0] == 2
     assert all(g is not None for g in grads)
+
+
+# ----------------------------------------------------------------------------- GRU seq2seq, conv1d audio
+
+
+def tiny_seq2seq(**kw) -> nn.Module:
+    cfg = dict(vocab_size=23, dim=16, num_layers=2)
+    cfg.update(kw)
+    return zoo.gru_seq2seq(**cfg)
+
+
+def tiny_audio(**kw) -> nn.Module:
+    cfg = dict(num_classes=5, width=4, stride=4, kernel=8)
+    cfg.update(kw)
+    return zoo.audio_conv1d(**cfg)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gru_seq2seq_loss_and_logits(bidirectional: bool) -> None:
+    torch.manual_seed(0)
+    model = tiny_seq2seq(bidirectional=bidirectional)
+    src, tgt = torch.randint(0, 23, (3, 7)), torch.randint(0, 23, (3, 9))
+    loss = model(src, tgt)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model(src).shape == (3, 7, 23)  # the shorthand: logits for the reversed source
+
+
+def test_gru_seq2seq_teacher_forcing_shifts_the_target() -> None:
+    """Position t of the decoder sees target tokens before t only: changing the last target
+    token changes no logit, changing the first changes every later one."""
+    torch.manual_seed(0)
+    model = tiny_seq2seq().eval()
+    src, tgt = torch.randint(0, 23, (2, 5)), torch.randint(0, 23, (2, 6))
+    seen: list[torch.Tensor] = []
+    model.head.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    model(src, tgt)
+    last = tgt.clone()
+    last[:, -1] = (last[:, -1] + 1) % 23
+    model(src, last)
+    torch.testing.assert_close(seen[0], seen[1])
+    first = tgt.clone()
+    first[:, 0] = (first[:, 0] + 1) % 23
+    model(src, first)
+    torch.testing.assert_close(seen[0][:, :1], seen[2][:, :1])  # BOS position: unchanged
+    assert not torch.allclose(seen[0][:, 1:], seen[2][:, 1:])
+
+
+@pytest.mark.parametrize("samples", [None, 3000])
+def test_audio_conv1d_shapes(samples: int | None) -> None:
+    model = tiny_audio().eval()
+    n = samples or model.min_samples
+    assert model(torch.randn(2, 1, n)).shape == (2, 5)
+    assert isinstance(model.blocks, nn.ModuleList) and len(model.blocks) == 4
+    assert zoo.audio_conv1d().min_samples == 80 + 16 * 255  # 4160: defaults take 1 s at 16 kHz
+
+
+def test_seq2seq_and_audio_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="bos_id"):
+        zoo.gru_seq2seq(vocab_size=10, bos_id=10)
+    with pytest.raises(ValueError, match="num_layers"):
+        zoo.gru_seq2seq(num_layers=0)
+    with pytest.raises(ValueError, match="width"):
+        zoo.audio_conv1d(width=0)
+
+
+def test_seq2seq_and_audio_trace_on_fake_tensors() -> None:
+    with FakeTensorMode():
+        with torch.device("cpu"):
+            s2s = tiny_seq2seq(bidirectional=True)
+            s2s(torch.randint(0, 23, (2, 4)), torch.randint(0, 23, (2, 4))).backward()
+            audio = tiny_audio()
+            audio(torch.randn(2, 1, 2000)).sum().backward()
+            grads = [p.grad for p in [*s2s.parameters(), *audio.parameters()]]
+    assert all(g is not None for g in grads)

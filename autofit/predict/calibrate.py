@@ -14,7 +14,14 @@ storages and their bytes per phase, op and output index), so the two compare op 
   phases, the breakdown and the per-stretch batch lines all see them;
 * what the corrected trace still misses of the probe's measured peak, beyond
   ``UNEXPLAINED_THRESHOLD``, is reported as unexplained and added as a measured slope
-  (bytes per unit of ``x``).
+  (bytes per unit of ``x``);
+* a CPU probe run with the allocator view (``AllocatorView``: ``torch.profiler`` with
+  ``profile_memory=True``) also measures what the CPU allocator held at its peak, scratch that
+  never passes dispatch included (oneDNN convolution). Its excess over the tracker's peak is
+  fitted over ``x`` (``scratch_bytes``: one probe gives a constant, as the scratch follows the
+  layers more than the batch; two or more an affine fit), named by the op running at the peak,
+  and added to predictions whose limit is the real allocator (``cpu_limit: rlimit``); the
+  ``budget`` limit counts tracked tensor bytes, which the scratch never was.
 
 ``using(store)`` makes every ``predict.trace.estimate`` in its scope apply the store's
 corrections (the trace cache keys corrected traces apart). A store is plain JSON: it lives
@@ -168,6 +175,23 @@ class ProbeRecord:
 
 
 @dataclass
+class AllocatorProbe:
+    """One CPU probe's allocator view against its tracker view."""
+
+    batch_size: int
+    input_size: int
+    x: int
+    tracker_bytes: int
+    allocator_bytes: int
+    op: str = ""
+    """The op running when the allocator's peak was reached (``aten::...``)."""
+
+    @property
+    def excess(self) -> int:
+        return self.allocator_bytes - self.tracker_bytes
+
+
+@dataclass
 class Calibration:
     """The corrections of one setting key (see ``setting_key``)."""
 
@@ -180,6 +204,29 @@ class Calibration:
     reserve_ratio: float = 0.0
     """CUDA: measured reserved / allocated of this setting's probes (0: not measured); the
     allocator's reserve per setting instead of the device model's global constants."""
+    allocator: list[AllocatorProbe] = field(default_factory=list)
+    """CPU probes measured under the allocator view (see ``AllocatorView``)."""
+    scratch_intercept: float = 0.0
+    scratch_slope: float = 0.0
+    """Allocator peak minus tracker peak, bytes: ``scratch_intercept + scratch_slope * x``."""
+
+    def scratch_bytes(self, x: int) -> int:
+        """What the CPU allocator holds at its peak beyond the tracked tensors (>= 0)."""
+        return max(0, int(round(self.scratch_intercept + self.scratch_slope * x)))
+
+    def refit_scratch(self) -> None:
+        points = {p.x: p.excess for p in self.allocator}  # latest probe of each x wins
+        if not points:
+            self.scratch_intercept = self.scratch_slope = 0.0
+        elif len(points) == 1:  # a constant: oneDNN scratch follows the layers, not the batch
+            (x, excess), = points.items()
+            self.scratch_intercept, self.scratch_slope = float(excess), 0.0
+        else:
+            n = len(points)
+            mx, my = sum(points) / n, sum(points.values()) / n
+            sxx = sum((x - mx) ** 2 for x in points)
+            self.scratch_slope = sum((x - mx) * (y - my) for x, y in points.items()) / sxx
+            self.scratch_intercept = my - self.scratch_slope * mx
 
     def corrections(self, x: int) -> dict[str, int]:
         return {op: c.bytes_per_call(x) for op, c in self.ops.items() if c.bytes_per_call(x)}
@@ -191,7 +238,9 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "ops": {k: asdict(v) for k, v in self.ops.items()},
                 "unexplained_slope": self.unexplained_slope, "reserve_ratio": self.reserve_ratio,
-                "probes": [asdict(p) for p in self.probes], "messages": list(self.messages)}
+                "probes": [asdict(p) for p in self.probes], "messages": list(self.messages),
+                "allocator": [asdict(p) for p in self.allocator],
+                "scratch_intercept": self.scratch_intercept, "scratch_slope": self.scratch_slope}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -204,7 +253,10 @@ class Calibration:
                    unexplained_slope=float(data.get("unexplained_slope", 0.0)),
                    reserve_ratio=float(data.get("reserve_ratio", 0.0)),
                    probes=[ProbeRecord(**p) for p in data.get("probes", [])],
-                   messages=list(data.get("messages", [])))
+                   messages=list(data.get("messages", [])),
+                   allocator=[AllocatorProbe(**p) for p in data.get("allocator", [])],
+                   scratch_intercept=float(data.get("scratch_intercept", 0.0)),
+                   scratch_slope=float(data.get("scratch_slope", 0.0)))
 
 
 @dataclass
@@ -213,8 +265,12 @@ class Applied:
 
     corrections: dict[str, int]
     residual_bytes: int
+    """Added to the traced peak: the unexplained slope, plus ``scratch_bytes`` when the
+    limit is the CPU allocator (``cpu_limit: rlimit``)."""
     digest: str
     reserve_ratio: float = 0.0
+    scratch_bytes: int = 0
+    """The allocator view's scratch included in ``residual_bytes`` (0: not applied)."""
 
     def reserved(self, allocated_bytes: int, model: DeviceModel) -> int:
         """Predicted ``max_memory_reserved``: the probe's ratio, in whole segments."""
@@ -249,10 +305,11 @@ class CalibrationStore:
         x = x_of(spec, candidate)
         corrections = cal.corrections(x)
         residual = int(round(cal.unexplained_slope * x))
+        scratch = cal.scratch_bytes(x) if allocator_limited(spec, device_kind) else 0
         ratio = cal.reserve_ratio if cal.key.endswith(f"/{device_kind}") else 0.0
-        if not corrections and not residual and not ratio:
+        if not corrections and not residual and not ratio and not scratch:
             return None
-        return Applied(corrections, residual, cal.digest(), ratio)
+        return Applied(corrections, residual + scratch, cal.digest(), ratio, scratch)
 
     def messages(self) -> list[str]:
         return [m for cal in self.calibrations.values() for m in cal.messages]
@@ -280,6 +337,12 @@ class CalibrationStore:
             return cls()
 
 
+def allocator_limited(spec: ExperimentSpec, device_kind: str) -> bool:
+    """Whether the limit is the CPU allocator itself (``cpu_limit: rlimit``), whose peak
+    includes scratch the tracker never sees."""
+    return device_kind == "cpu" and spec.memory.cpu_limit == "rlimit"
+
+
 CALIBRATION_FILE = "calibration.json"
 """Kept in the output dir (next to results.json) by ``estimate --calibrate`` and ``tune``."""
 
@@ -303,11 +366,77 @@ def probe(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
           store: CalibrationStore, *, device: str | None = None,
           runner: Any = None) -> tuple[Calibration | None, Any]:
     """A dedicated probe: one real trial of ``candidate`` (no limit, one timed step) and
-    the calibration it gives (None when the probe did not fit: the result says why)."""
+    the calibration it gives (None when the probe did not fit: the result says why). On CPU
+    the probe also runs under the allocator view (``AllocatorView``)."""
     from autofit.trials.runner import run_trial
 
-    result = (runner or run_trial)(spec, candidate, limit_bytes=None, steps=1, device=device)
+    extra = {"allocator_view": True} if model.kind == "cpu" and runner is None else {}
+    result = (runner or run_trial)(spec, candidate, limit_bytes=None, steps=1, device=device,
+                                   **extra)
     return calibrate_from_trial(spec, result, model, store), result
+
+
+# ---------------------------------------------------------------------- allocator view
+_ALLOC_HELPERS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_",
+                  "aten::as_strided", "aten::as_strided_", "aten::zeros", "aten::zero_",
+                  "aten::fill_", "aten::new_empty", "aten::new_empty_strided", "aten::zeros_like"}
+
+
+class AllocatorView:
+    """The CPU allocator's view of some steps: every c10 CPU allocation, including scratch
+    that never passes dispatch (oneDNN convolution), from ``torch.profiler`` with
+    ``profile_memory=True``.
+
+    The profiler's raw records hold one ``[memory]`` record per allocator call (bytes > 0
+    allocated, < 0 freed); sorted by time and summed, their running maximum plus
+    ``baseline_bytes`` (what was live when the view started: parameters and buffers) is the
+    peak. ``peak_op`` names the innermost op (allocation helpers skipped) running when the
+    peak was reached.
+    """
+
+    def __init__(self, baseline_bytes: int = 0) -> None:
+        self.baseline_bytes = int(baseline_bytes)
+        self.peak_bytes = 0
+        self.peak_op = ""
+        self._prof: Any = None
+
+    def __enter__(self) -> AllocatorView:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._prof.__exit__(*exc)
+        self._read(self._prof.profiler.kineto_results.events())
+        self._prof = None
+
+    def _read(self, events: Any) -> None:
+        from torch.autograd import DeviceType
+
+        records, ops = [], []
+        for e in events:
+            if e.device_type() != DeviceType.CPU:
+                continue
+            if e.name() == "[memory]":
+                records.append((e.start_ns(), e.nbytes(), e.start_thread_id()))
+            else:
+                ops.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.name(),
+                            e.start_thread_id()))
+        records.sort(key=lambda r: r[0])  # stable: ties keep the recorded order
+        running = peak = 0
+        at = None
+        for record in records:
+            running += record[1]
+            if running > peak:
+                peak, at = running, record
+        self.peak_bytes = self.baseline_bytes + peak
+        if at is not None:
+            inside = [o for o in ops if o[0] <= at[0] <= o[1] and o[3] == at[2]
+                      and o[2] not in _ALLOC_HELPERS]
+            if inside:
+                self.peak_op = max(inside, key=lambda o: o[0])[2]
 
 
 _ACTIVE: list[CalibrationStore] = []
@@ -383,12 +512,15 @@ def _at_peak_by_op(tracker: Any) -> dict[str, int]:
 def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
               real_log: dict[str, list[int]], measured_bytes: int,
               store: CalibrationStore | None = None,
-              measured_reserved: int | None = None) -> Calibration:
+              measured_reserved: int | None = None, allocator_bytes: int | None = None,
+              allocator_op: str = "") -> Calibration:
     """Compare a real run's allocation log with a trace of the same candidate, refit the
     setting's corrections (added to ``store`` when given) and return its calibration.
 
     ``measured_bytes`` is the run's peak as the device counts it (CPU: tracked live bytes;
     CUDA: ``max_memory_allocated``; ``measured_reserved`` its ``max_memory_reserved``).
+    ``allocator_bytes``: CPU, the run's allocator-view peak (``AllocatorView``), and
+    ``allocator_op`` the op running at it.
     """
     from autofit.predict.trace import TRACE_STEPS, trace
 
@@ -445,6 +577,25 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
             f"probe at {label}: measured {_mb(measured_bytes)}, trace {_mb(traced_peak)}"
             + (f", {_mb(corrected_peak)} after correction" if corrections else "")
             + f" ({error:+.1%})")
+    if allocator_bytes:
+        cal.allocator = [p for p in cal.allocator if p.x != x] + [AllocatorProbe(
+            candidate.batch_size, candidate.input_size, x, int(measured_bytes),
+            int(allocator_bytes), allocator_op)]
+        cal.refit_scratch()
+        excess = int(allocator_bytes) - int(measured_bytes)
+        where = f"; the allocator's peak is inside {allocator_op}" if allocator_op else ""
+        scratch = " (oneDNN scratch never passes dispatch)" \
+            if "mkldnn" in allocator_op or "convolution" in allocator_op else ""
+        if abs(excess) < MIN_OP_FRACTION * measured_bytes:
+            messages.append(f"allocator view at {label}: {_mb(allocator_bytes)}, the tracked "
+                            f"peak within {MIN_OP_FRACTION:.1%} (no scratch at the peak)")
+        else:
+            messages.append(
+                f"allocator view at {label}: {_mb(allocator_bytes)}, "
+                f"{'+' if excess >= 0 else '-'}{_mb(abs(excess))} "
+                f"({excess / max(measured_bytes, 1):+.1%}) over the tracked "
+                f"{_mb(measured_bytes)}{where}{scratch}; no op output explains it, so it is "
+                "added to predictions under cpu_limit: rlimit as a measured residual")
     cal.messages = messages
     store.calibrations[key] = cal
     return cal
@@ -456,8 +607,11 @@ def calibrate_from_trial(spec: ExperimentSpec, result: Any, model: DeviceModel,
     if not getattr(result, "fits", False) or not getattr(result, "op_log", None) \
             or result.memory is None or not result.memory.peak_bytes:
         return None
+    extra = getattr(result, "extra", None) or {}
     return calibrate(spec, result.candidate, model, result.op_log, int(result.memory.peak_bytes),
-                     store, measured_reserved=result.memory.reserved_bytes)
+                     store, measured_reserved=result.memory.reserved_bytes,
+                     allocator_bytes=extra.get("allocator_peak_bytes"),
+                     allocator_op=str(extra.get("allocator_peak_op") or ""))
 
 
 def known_misreporting(op_log: dict[str, list[int]]) -> list[str]:

@@ -39,6 +39,7 @@ class TrialRun:
         self.losses: list[float] = []
         self.times: list[float] = []
         self.warmup_times: list[float] = []
+        self.allocator_view: Any = None  # predict.calibrate.AllocatorView (a CPU probe)
 
     @property
     def phase(self) -> Phase:
@@ -107,6 +108,10 @@ class TrialRun:
         untracked_timing = self.request.get("untracked_timed_steps", self.device.type == "cuda")
         with contextlib.ExitStack() as tracked:
             tracked.enter_context(self.tracker)
+            if self.request.get("allocator_view") and self.device.type == "cpu":
+                from autofit.predict.calibrate import AllocatorView
+
+                self.allocator_view = tracked.enter_context(AllocatorView(self.tracker.live_bytes))
             # at least `warmup` steps and until the optimizer holds its state (fp16 steps
             # skipped by GradScaler on overflow would hide it)
             extra = 0
@@ -144,6 +149,9 @@ class TrialRun:
             warning="; ".join(warnings),
             op_log=self.tracker.op_log,  # compared op by op with the trace (predict.calibrate)
         )
+        if self.allocator_view is not None:  # what the CPU allocator saw (scratch included)
+            self.result.update(allocator_peak_bytes=self.allocator_view.peak_bytes,
+                               allocator_peak_op=self.allocator_view.peak_op)
 
     def record_failure(self, exc: BaseException) -> None:
         """An exception from set-up or a step: OOM, or the user's error, as data."""

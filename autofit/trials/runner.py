@@ -130,9 +130,12 @@ def _log_tail(path: str, lines: int = 5) -> str:
 
 def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | None = None,
               steps: int | None = None, warmup_steps: int | None = None,
-              timeout_s: float | None = None, device: str | None = None) -> TrialResult:
+              timeout_s: float | None = None, device: str | None = None,
+              allocator_view: bool = False) -> TrialResult:
     """Run one candidate in a fresh process and return what it measured. Never raises for
-    anything the trial does (OOM, user error, hang, crash); only KeyboardInterrupt passes."""
+    anything the trial does (OOM, user error, hang, crash); only KeyboardInterrupt passes.
+    ``allocator_view``: CPU, also measure the allocator's peak under ``torch.profiler``
+    (``extra["allocator_peak_bytes"]``, ``extra["allocator_peak_op"]``)."""
     from autofit.parallel import spec_for
 
     spec = spec_for(spec, candidate)  # the candidate's strategy, from a parallel.strategy list
@@ -152,6 +155,7 @@ def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | 
         "cpu_limit": spec.memory.cpu_limit,
         "warmup_steps": spec.search.warmup_steps if warmup_steps is None else warmup_steps,
         "steps": spec.search.steps_per_trial if steps is None else steps,
+        "allocator_view": allocator_view,
     }
     env: dict[str, str] = {}
     if spec.memory.cpu_limit == "rlimit" and not device.startswith("cuda"):
@@ -188,5 +192,6 @@ def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | 
     result.overhead_s = max(0.0, wall - step_total) if result.fits else 0.0
     result.extra = {k: data[k] for k in ("build_s", "child_s", "traced_peak_bytes",
                                          "rss_peak_bytes", "alloc_conf", "traceback",
-                                         "optimizer_state") if k in data}
+                                         "optimizer_state", "allocator_peak_bytes",
+                                         "allocator_peak_op") if k in data}
     return result
