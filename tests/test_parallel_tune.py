@@ -141,3 +141,23 @@ def test_tune_says_needs_sharding_when_nothing_fits_one_rank(tmp_path, one_threa
     assert "needs sharding over >=4 ranks" in str(info.value)
     notes = json.loads((tmp_path / "results.json").read_text())["notes"]
     assert any(n.startswith("needs sharding over >=4 ranks") for n in notes)
+
+
+@pytest.mark.parametrize("strategy,world_size", [("fsdp", 8), ("ddp", 2)])
+def test_profile_shows_one_rank(strategy, world_size, one_thread):
+    """The fake profile of a ddp/fsdp spec is one rank's: its peak and breakdown are the
+    per-rank estimate's, for a world size this machine could not run."""
+    from autofit.predict.profile import profile_step
+
+    spec = spec_from_dict(gpt_raw({"strategy": strategy, "world_size": world_size}))
+    cand = Candidate(batch_size=2, input_size=32)
+    prof = profile_step(spec, cand, CPU)
+    est = estimate(spec, cand, CPU)
+    assert prof.peak_bytes == est.peak_bytes
+    assert prof.breakdown.to_dict() == est.breakdown.to_dict()
+    assert prof.per_rank["strategy"] == strategy and prof.per_rank["world_size"] == world_size
+    assert prof.per_rank["rank_bytes"] == est.rank_bytes
+    assert prof.to_dict()["per_rank"]["peak_bytes"] == est.peak_bytes
+    single = profile_step(spec_from_dict(gpt_raw(None)), cand, CPU)
+    assert "per_rank" not in single.to_dict()
+    assert (prof.peak_bytes < single.peak_bytes) == (strategy == "fsdp")

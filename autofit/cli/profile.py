@@ -116,6 +116,13 @@ def _print_header(console: Console, name: str, prof: Any, plan: Any, baseline: i
                      if plan.limit_bytes else "; budget unknown (set memory.budget)"))
     if prof.real:
         console.print(f"predicted peak on fake tensors: {format_bytes(baseline)}")
+    if prof.per_rank:  # one rank of DDP / FSDP2
+        extras = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
+                           for k, v in prof.per_rank["rank_bytes"].items())
+        console.print(f"per rank: {prof.per_rank['strategy']} over "
+                      f"{prof.per_rank['world_size']} ranks, peak "
+                      f"{format_bytes(prof.per_rank['peak_bytes'])}"
+                      + (f" ({extras})" if extras else ""))
     for note in prof.notes:
         console.print(f"[dim]{note}[/dim]")
 

@@ -77,11 +77,12 @@ def _job(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, hooks: 
 
 
 def trace_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
-               plan: RankPlan, *, steps: int = TRACE_STEPS) -> tuple[MemoryTracker, int, int, float]:
+               plan: RankPlan, *, steps: int = TRACE_STEPS, timeline: bool = False
+               ) -> tuple[MemoryTracker, int, int, float]:
     """Trace one rank's step on fake tensors: (tracker, parameter count, DDP bucket bytes,
-    seconds)."""
+    seconds). ``timeline``: record it, with the modules' forward attributed (``profile``)."""
     start = time.perf_counter()
-    tracker = rank_tracker(round_to=model.block_bytes)
+    tracker = rank_tracker(round_to=model.block_bytes, record_timeline=timeline)
     hooks = PhaseHooks(tracker)
     job: TrainingJob | None = None
     buckets = 0
@@ -91,12 +92,12 @@ def trace_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
                 with fake_process_group(plan.world_size) as mesh, \
                         FakeTensorMode(allow_non_fake_inputs=True):
                     job = _job(spec, candidate, model, hooks, fsdp_wrapper(plan, spec, mesh))
-                    params = _run(job, tracker, steps)
+                    params = _run(job, tracker, steps, timeline)
             else:
                 with FakeTensorMode(allow_non_fake_inputs=True):
                     job = _job(spec, candidate, model, hooks, None)
                     buckets = ddp_bucket_bytes(job.model) if plan.strategy == "ddp" else 0
-                    params = _run(job, tracker, steps)
+                    params = _run(job, tracker, steps, timeline)
     except AutofitError:
         raise
     except Exception as exc:
@@ -106,13 +107,18 @@ def trace_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
     return tracker, params, buckets, time.perf_counter() - start
 
 
-def _run(job: TrainingJob, tracker: MemoryTracker, steps: int) -> int:
+def _run(job: TrainingJob, tracker: MemoryTracker, steps: int, modules: bool = False) -> int:
     for tensor in job.parameters_and_buffers():
         tracker.track(local_tensor(tensor), Category.PARAMS)
-    with track_resizes(tracker), tracker:
-        for _ in range(steps):
-            job.run_step()
-            _tag_locals(job, tracker)
+    if modules:
+        tracker.attach(job.model)
+    try:
+        with track_resizes(tracker), tracker:
+            for _ in range(steps):
+                job.run_step()
+                _tag_locals(job, tracker)
+    finally:
+        tracker.detach_hooks()
     return sum(p.numel() for p in job.model.parameters())
 
 
@@ -150,6 +156,41 @@ def rank_peak(tracker: MemoryTracker, plan: RankPlan, buckets: int = 0
         rank["unsharded_params"] = sum(b.nbytes for b in live if b.alloc_seq in resized)
         rank["sharded_params"] = breakdown.params_bytes - rank["unsharded_params"]
     return breakdown, rank
+
+
+def profile_rank(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
+                 steps: int = TRACE_STEPS, top: int = 20) -> Any:
+    """``autofit profile`` of one rank of the spec's ddp/fsdp plan, for any world size: the
+    timeline, phases, modules and tensors of one rank traced on a fake process group (fsdp)
+    or on one process (ddp), with the peak and its breakdown read as ``estimate_rank`` reads
+    them (from step ``MEASURE_FROM_STEP`` on, DDP's buckets added); ``Profile.per_rank``
+    holds the strategy, world size and per-rank extras."""
+    from autofit.predict.profile import _assemble, _end_of_run
+
+    plan = RankPlan.from_spec(spec)
+    steps = max(steps, MEASURE_FROM_STEP)
+    tracker, params, buckets, seconds = trace_rank(spec, candidate, model, plan, steps=steps,
+                                                   timeline=True)
+    breakdown, rank = rank_peak(tracker, plan, buckets)
+    drop = Category.GRADS if plan.strategy == "ddp" and plan.gradient_as_bucket_view else None
+    tracker.peak_bytes, tracker.peak_seq = replay_peak(tracker, from_step=MEASURE_FROM_STEP,
+                                                       drop=drop)
+    traced = breakdown.peak_bytes
+    reserved = model.reserved(traced, tracker.uses_blas)
+    prof = _assemble(tracker, candidate, model, real=False, steps=steps, param_count=params,
+                     seconds=seconds, end_seq=_end_of_run(tracker), top=top,
+                     allocated=model.allocated(traced, tracker.uses_blas), reserved=reserved)
+    breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
+    prof.breakdown = breakdown
+    prof.per_rank = {"strategy": plan.strategy, "world_size": plan.world_size,
+                     "peak_bytes": reserved, "rank_bytes": rank}
+    prof.notes.append(
+        f"one rank of {plan.strategy} over {plan.world_size} ranks"
+        + (" (traced on a fake process group)" if plan.strategy == "fsdp" else "")
+        + f"; its peak is read from step {MEASURE_FROM_STEP} on"
+        + (f"; DDP's gradient buckets ({rank['ddp_buckets']:,} bytes) are alive throughout "
+           "and not on the timeline" if plan.strategy == "ddp" else ""))
+    return prof
 
 
 def _phase_at(tracker: MemoryTracker, seq: int) -> tuple[Phase | None, int]:

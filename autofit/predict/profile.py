@@ -128,6 +128,9 @@ class Profile:
     """CUDA: max_memory_reserved (measured with --real, else modelled); CPU: the peak."""
     device_name: str = ""
     notes: list[str] = field(default_factory=list)
+    per_rank: dict[str, Any] = field(default_factory=dict)
+    """ddp/fsdp (``predict.distributed.profile_rank``): strategy, world_size, peak_bytes and
+    rank_bytes of the one rank profiled; empty for a single process."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +161,7 @@ class Profile:
                 "step": [p.step for p in self.timeline],
             },
             "notes": list(self.notes),
+            **({"per_rank": dict(self.per_rank)} if self.per_rank else {}),
         }
 
 
@@ -283,6 +287,14 @@ def profile_step(spec: ExperimentSpec, candidate: Candidate, device_model: Devic
     """
     if steps < 1:
         raise AutofitError(f"steps must be >= 1, got {steps}")
+    if real and spec.parallel.strategy != "none":
+        raise AutofitError(f"--real profiles one process, not a rank of parallel.strategy "
+                           f"{spec.parallel.strategy}: drop --real for the per-rank profile "
+                           f"(any world size); real ranks run in `autofit tune`'s trials")
+    if not real and spec.parallel.strategy != "none":  # one rank of DDP / FSDP2, any N
+        from autofit.predict.distributed import profile_rank
+
+        return profile_rank(spec, candidate, device_model, steps=steps, top=top)
     if not real:
         from autofit.predict.trace import trace
 
