@@ -346,7 +346,10 @@ def profile(spec: SpecLike, *, batch_size: int | None = None, input_size: int | 
     spec = as_spec(spec)
     if top < 0:
         raise SpecError([f"--top: must be >= 0, got {top}"])
-    with using_cache(cache_for(cache, tune_out_dir(spec, None))) as traces:
+    from autofit.predict import calibrate as calib
+
+    store = calib.load_for(spec, tune_out_dir(spec, None))  # estimate --calibrate's, or tune's
+    with using_cache(cache_for(cache, tune_out_dir(spec, None))) as traces, calib.using(store):
         result = _profile(spec, batch_size, input_size, precision, segments, device, real,
                           what_if, plot_dir, plots, top, results)
     result.cache = traces.to_dict() if traces is not None else None

@@ -488,3 +488,44 @@ def test_gru_seq2seq_needs_no_correction_on_cpu(one_thread) -> None:  # type: ig
     assert abs(_error(estimate(spec, probe, CPU).peak_bytes, real.memory.peak_bytes)) < 0.01
     cal = C.calibrate_from_trial(spec, real, CPU, C.CalibrationStore())
     assert not cal.ops and not cal.unexplained_slope
+
+
+def test_convolution_is_named_only_where_the_allocator_is_the_limit() -> None:
+    log = {"forward|aten.convolution#0": [1, 4096], "forward|aten.mkldnn_rnn_layer#3": [1, 0]}
+    budget = spec_from_dict(WS_RAW)
+    rlimit = spec_from_dict({**WS_RAW, "memory": {"budget": "1GiB", "cpu_limit": "rlimit"}})
+    assert [line.split(":")[0] for line in C.known_misreporting(log, budget, "cpu")] == \
+        ["aten.mkldnn_rnn_layer"]
+    lines = C.known_misreporting(log, rlimit, "cpu")
+    assert [line.split(":")[0] for line in lines] == ["aten.mkldnn_rnn_layer", "aten.convolution"]
+    assert "oneDNN" in lines[1] and "--calibrate" in lines[1]
+    assert len(C.known_misreporting(log, rlimit, "cuda")) == 1
+
+
+def test_profile_applies_the_calibration_in_use(ws_spec, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """``autofit profile``'s fake-tensor timeline carries the op corrections, and its peak
+    the residual, as ``estimate`` under the same store."""
+    from autofit.predict.profile import profile_step
+
+    probe = Candidate(batch_size=64, input_size=0)
+    real = _real(WS_RAW, probe)
+    store = C.CalibrationStore()
+    C.calibrate_from_trial(ws_spec, real, CPU, store)
+    plain = profile_step(ws_spec, probe, CPU)
+    with C.using(store):
+        prof = profile_step(ws_spec, probe, CPU)
+        est = estimate(ws_spec, probe, CPU)
+    assert plain.peak_bytes < real.memory.peak_bytes * 0.9
+    assert prof.peak_bytes == est.peak_bytes
+    assert max(p.live_bytes for p in prof.timeline) == prof.traced_peak_bytes == est.peak_bytes
+    assert abs(_error(prof.peak_bytes, real.memory.peak_bytes)) < 0.01
+    assert any(n.startswith("trace corrected by the probe calibration: autofit_test.scale_ws#1")
+               for n in prof.notes)
+    # a residual no op explains goes on the peak, not the timeline
+    store.calibrations[C.setting_key(probe, "cpu")].unexplained_slope = 100.0
+    with C.using(store):
+        prof = profile_step(ws_spec, probe, CPU)
+        est = estimate(ws_spec, probe, CPU)
+    assert prof.peak_bytes == est.peak_bytes == prof.traced_peak_bytes + 6400
+    assert prof.breakdown.peak_bytes == prof.peak_bytes
+    assert any("unexplained residual" in n for n in prof.notes)

@@ -296,14 +296,49 @@ def profile_step(spec: ExperimentSpec, candidate: Candidate, device_model: Devic
 
         return profile_rank(spec, candidate, device_model, steps=steps, top=top)
     if not real:
+        from autofit.predict.calibrate import applied_for
         from autofit.predict.trace import trace
 
+        applied = applied_for(spec, candidate, device_model.kind)  # a probe calibration in use
         tracker, params, seconds = trace(spec, candidate, device_model, steps=steps,
-                                         per_layer=True, timeline=True)
-        return _assemble(tracker, candidate, device_model, real=False, steps=steps,
-                         param_count=params, seconds=seconds, end_seq=_end_of_run(tracker),
-                         top=top)
+                                         per_layer=True, timeline=True,
+                                         corrections=applied.corrections if applied else None)
+        if applied is None:
+            return _assemble(tracker, candidate, device_model, real=False, steps=steps,
+                             param_count=params, seconds=seconds, end_seq=_end_of_run(tracker),
+                             top=top)
+        return _calibrated(tracker, candidate, device_model, applied, steps=steps,
+                           param_count=params, seconds=seconds, top=top)
     return _profile_real(spec, candidate, device_model, steps=steps, device=device, top=top)
+
+
+def _calibrated(tracker: MemoryTracker, candidate: Candidate, device_model: DeviceModel,
+                applied: Any, *, steps: int, param_count: int, seconds: float,
+                top: int) -> Profile:
+    """A fake-tensor profile under a probe calibration (``predict.calibrate.Applied``): the
+    op corrections are in the timeline (the trace added them to each storage), the residual
+    no op explains is added to the peak as ``estimate`` adds it."""
+    residual = applied.residual_bytes
+    planned = tracker.peak_bytes + residual
+    allocated = device_model.allocated(planned, tracker.uses_blas)
+    reserved = device_model.reserved(planned, tracker.uses_blas)
+    if applied.reserve_ratio and device_model.kind == "cuda":
+        reserved = applied.reserved(allocated, device_model)
+    prof = _assemble(tracker, candidate, device_model, real=False, steps=steps,
+                     param_count=param_count, seconds=seconds, end_seq=_end_of_run(tracker),
+                     top=top, allocated=allocated, reserved=reserved)
+    prof.breakdown.temporaries_bytes += residual
+    prof.breakdown.peak_bytes += residual
+    if applied.corrections:
+        ops = ", ".join(f"{op} {nbytes / 1e6:+.2f} MB per call"
+                        for op, nbytes in sorted(applied.corrections.items()))
+        prof.notes.append(f"trace corrected by the probe calibration: {ops} (in the timeline)")
+    if residual:
+        what = "the CPU allocator's scratch (cpu_limit: rlimit)" if applied.scratch_bytes \
+            else "the probe's unexplained residual"
+        prof.notes.append(f"peak includes {residual / 1e6:+.2f} MB of {what}, which no op "
+                          "makes: not on the timeline")
+    return prof
 
 
 def _real_device(spec: ExperimentSpec, device_model: DeviceModel, device: str | None

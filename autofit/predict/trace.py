@@ -276,7 +276,7 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
         segment_peaks={k: v + residual for k, v in segment_peaks(tracker).items()},
-        misreporting=known_misreporting(tracker.op_log),
+        misreporting=known_misreporting(tracker.op_log, spec, model.kind),
     )
 
 
