@@ -287,3 +287,20 @@ def test_storage_password_is_not_written() -> None:
     assert storage_without_password(URL) == ("postgresql+psycopg://autofit@db.example:5432/autofit", True)
     assert storage_without_password("postgresql+psycopg://u@h/db") == ("postgresql+psycopg://u@h/db", False)
     assert storage_without_password("journal:/shared/s.journal") == ("journal:/shared/s.journal", False)
+
+
+def test_readme_targets_with_partitions_validate() -> None:
+    """The README's per-GPU-type targets block is a valid ``targets`` section."""
+    from autofit.spec import spec_from_dict
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Many GPUs and clusters", 1)[1].split("\n## ", 1)[0]
+    block = next(b.split("```", 1)[0] for b in section.split("```yaml\n")[1:] if "targets:" in b)
+    raw = landscape.make_raw()
+    raw["targets"] = yaml.safe_load(block)["targets"]
+    targets = spec_from_dict(raw).targets
+    assert [t.partition for t in targets] == ["a100", "h100", "l40s"]
+    bad = landscape.make_raw()
+    bad["targets"] = [{"name": "x", "memory": "8GB", "partition": "two words"}]
+    with pytest.raises(Exception, match=r"targets\[0\]\.partition: must be a partition"):
+        spec_from_dict(bad)

@@ -403,7 +403,34 @@ def test_readme_cluster_forms_are_valid_bash() -> None:
         assert done.returncode == 0, (block, done.stderr)
     commands = {line.split()[1] for b in blocks for line in b.splitlines()
                 if line.startswith("autofit ")}
-    assert commands <= {"tune", "worker", "results"}, commands
+    assert commands <= {"tune", "worker", "results", "export"}, commands
+    assert "export" in commands and any("-f slurm-tune" in b for b in blocks)
+
+
+def test_throwaway_postgres_script_starts_and_stops() -> None:
+    """The README's one-liner for a throwaway server: it prints a URL workers can open, and
+    ``stop`` removes it."""
+    if not (_pg_bin("initdb") and _pg_bin("pg_ctl")):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    pytest.importorskip("psycopg", reason="PostgreSQL driver not installed")
+    import optuna
+
+    from autofit.search.workers import open_storage
+
+    script = ROOT / "scripts" / "throwaway_postgres.sh"
+    base = Path(tempfile.mkdtemp(prefix="autofit-pg-script-"))  # the server user reaches /tmp/X
+    done = subprocess.run(["bash", str(script), "start", str(base), str(_free_port())],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 and os.geteuid() == 0 and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser")
+    try:
+        assert done.returncode == 0, done.stderr
+        url = done.stdout.strip()
+        assert url.startswith("postgresql+psycopg://postgres@127.0.0.1:")
+        assert optuna.get_all_study_names(open_storage(url)) == []
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(base)], capture_output=True, timeout=60)
+    assert not base.exists()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
