@@ -33,7 +33,7 @@ _LAZY = {
                     "export", "load_tuned", "profile", "trial", "tune"),
     "autofit.candidate": ("Candidate", "Setting"),
     "autofit.export.tuned": ("TunedConfig",),
-    "autofit.memory": ("MemoryBreakdown",),
+    "autofit.breakdown": ("MemoryBreakdown",),
     "autofit.search.events": ("EventHandler", "Note", "TrialFinished", "TrialStarted",
                               "TuneEvent"),
     "autofit.search.results": ("TrialRecord", "TuneResult"),
@@ -56,9 +56,9 @@ if TYPE_CHECKING:
         trial,
         tune,
     )
+    from autofit.breakdown import MemoryBreakdown
     from autofit.candidate import Candidate, Setting
     from autofit.export.tuned import TunedConfig
-    from autofit.memory import MemoryBreakdown
     from autofit.search.events import EventHandler, Note, TrialFinished, TrialStarted, TuneEvent
     from autofit.search.results import TrialRecord, TuneResult
     from autofit.spec import ExperimentSpec, load_spec

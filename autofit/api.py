@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from autofit.export import load_results, write_exports, write_results
 from autofit.export.tuned import TunedConfig, load_tuned
 from autofit.files import locked_output_dir
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
-from autofit.predict.cache import cache_for
+from autofit.predict.cache import TraceCache, cache_for, device_without_torch
 from autofit.predict.cache import using as using_cache
-from autofit.predict.trace import MemoryEstimate
+from autofit.predict.estimates import MemoryEstimate
 from autofit.search.events import EventHandler
 from autofit.search.plan import Plan, plan_limits
 from autofit.search.results import TuneResult
@@ -135,12 +135,17 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
     Raises:
         SpecError: a bad spec or knob. BuildError: the model or step cannot be built/traced.
     """
+    knobs = {"batch_size": batch_size, "input_size": input_size, "precision": precision,
+             "segments": segments}
+    if cache is not False and not per_layer and not calibrate:
+        answered = _estimate_from_record(spec, knobs, device, max_batch, cache)
+        if answered is not None:
+            return answered
     from autofit.predict.trace import estimate as predict_estimate
 
     spec = as_spec(spec)
     plan = plan_limits(spec, device, require_device=False)
-    cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
-                         precision=precision, segments=segments)
+    cand = candidate_for(spec, **knobs)
     from autofit.predict import calibrate as calib
 
     out_dir = tune_out_dir(spec, None)
@@ -166,8 +171,70 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
                                    plan.device_model, plan.limit_bytes, known=[est])
     if not calibrate and store.find(cand, plan.device_model.kind) is None:
         lines += est.misreporting
+    if (traces is not None and not per_layer and not calibrate
+            and spec.parallel.strategy == "none" and plan.device == "cpu"
+            and device_without_torch(device or spec.device) == "cpu"):
+        traces.put_answer(_answer_key(traces, spec, cand, device, max_batch, out_dir),
+                          {**vars(plan), "device_model": asdict(plan.device_model)})
     return EstimateResult(est, mb, plan, spec.memory.margin,
                           traces.to_dict() if traces is not None else None, lines)
+
+
+def _answer_key(traces: TraceCache, spec: ExperimentSpec, cand: Candidate, device: str | None,
+                max_batch: bool, out_dir: Path) -> str:
+    from autofit.predict.calibrate import CALIBRATION_FILE
+
+    return traces.answer_key(spec, {"candidate": cand.to_dict(), "device": device,
+                                    "max_batch": max_batch}, out_dir / CALIBRATION_FILE)
+
+
+def _estimate_from_record(spec_like: SpecLike, knobs: dict[str, Any], device: str | None,
+                          max_batch: bool, cache: bool | str | Path) -> EstimateResult | None:
+    """The same answer from an answer record of the trace cache, without importing torch or
+    resolving import paths (``autofit.predict.cache``); None when there is none."""
+    from autofit.predict import calibrate as calib
+    from autofit.predict.device_model import DeviceModel
+
+    try:  # structure only: the record's key covers the files the import paths name
+        if isinstance(spec_like, str | Path):
+            spec = load_spec(spec_like, check_imports=False)
+        elif isinstance(spec_like, dict):
+            spec = spec_from_dict(spec_like)
+        elif isinstance(spec_like, ExperimentSpec):
+            spec = spec_like
+        else:
+            return None
+        cand = candidate_for(spec, **knobs)
+    except SpecError:
+        return None  # the full path reports it
+    if spec.parallel.strategy != "none" or device_without_torch(device or spec.device) is None:
+        return None
+    out_dir = tune_out_dir(spec, None)
+    traces = cache_for(cache, out_dir)
+    if traces is None:
+        return None
+    found = traces.get_answer(_answer_key(traces, spec, cand, device, max_batch, out_dir))
+    if found is None:
+        return None
+    plan_data, known = found
+    plan = Plan(**{**plan_data, "device_model": DeviceModel(**plan_data["device_model"])})
+    est = next((e for e in known if e.candidate == cand), None)
+    if est is None:
+        return None
+    store = calib.load_for(spec, out_dir)
+    lines = []
+    if (cal := store.find(cand, plan.device_model.kind)) is not None:
+        lines += [f"using the probe calibration in {out_dir / calib.CALIBRATION_FILE}: {m}"
+                  for m in cal.messages if "corrected" in m or "measured slope" in m]
+    else:
+        lines += est.misreporting
+    mb = None
+    with using_cache(traces), calib.using(store):  # a trace missing from known is run
+        if max_batch and plan.limit_bytes:
+            mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
+                                   plan.device_model, plan.limit_bytes, known=[est],
+                                   replay=known)
+    return EstimateResult(est, mb, plan, spec.memory.margin, traces.to_dict(), lines)
 
 
 def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,50 +25,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from autofit.breakdown import MemoryBreakdown  # torch-free; re-exported here
 from autofit.choices import Category, Phase
 
 _aten = torch.ops.aten
 _BLAS_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.matmul, _aten.linear,
              _aten._scaled_dot_product_efficient_attention,
              _aten._scaled_dot_product_flash_attention_for_cpu}
-
-
-@dataclass(kw_only=True)
-class MemoryBreakdown:
-    """Bytes live at the peak moment, by category. Used for predictions and measurements."""
-
-    params_bytes: int = 0
-    """Parameters and buffers."""
-    grads_bytes: int = 0
-    optimizer_state_bytes: int = 0
-    activations_bytes: int = 0
-    """Saved for backward (and the input batch)."""
-    temporaries_bytes: int = 0
-    """Everything else alive at the peak: outputs, workspace tensors, partial results."""
-    peak_bytes: int = 0
-    """Peak live tensor bytes (== sum of the categories above)."""
-    peak_phase: Phase | None = None
-    """Where the peak occurred (None: not known)."""
-    peak_step: int = 0
-    """1-based training step in which the peak occurred."""
-    reserved_bytes: int | None = None
-    """CUDA: the caching allocator's reserved peak (measured or modelled)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["peak_phase"] = self.peak_phase.value if self.peak_phase else ""
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MemoryBreakdown:
-        names = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in data.items() if k in names}
-        values["peak_phase"] = Phase(values["peak_phase"]) if values.get("peak_phase") else None
-        return cls(**values)
-
-    def categories(self) -> dict[str, int]:
-        """Bytes per category, keyed by the category's name."""
-        return {category.value: getattr(self, f"{category.value}_bytes") for category in Category}
 
 
 @dataclass

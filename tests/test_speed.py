@@ -82,6 +82,80 @@ def test_second_estimate_traces_nothing_new(tmp_path: Path):
     assert off.cache is None and off.max_batch.batch_size == first.max_batch.batch_size
 
 
+def _estimate_cli(spec_path: Path, cache_dir: Path, *extra: str) -> tuple[str, bool]:
+    """``autofit estimate`` in a fresh process: (stdout, whether torch was imported)."""
+    code = textwrap.dedent(f"""
+        import contextlib, sys
+        from autofit.cli import app
+        with contextlib.suppress(SystemExit):
+            app(["estimate", {str(spec_path)!r}, "--cache-dir", {str(cache_dir)!r}, *{extra!r}])
+        print("TORCH-IMPORTED", "torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    assert "TORCH-IMPORTED" in out.stdout, out.stderr
+    text, _, flag = out.stdout.rpartition("TORCH-IMPORTED")
+    return text, flag.strip() == "True"
+
+
+def _without_cache_line(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("trace cache:"))
+
+
+def test_a_second_estimate_answers_without_torch(tmp_path: Path):
+    import yaml
+
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(TINY))
+    first, torch_first = _estimate_cli(spec_path, tmp_path / "c")
+    second, torch_second = _estimate_cli(spec_path, tmp_path / "c")
+    assert torch_first and not torch_second
+    assert "0 hit(s)" in first and "0 new trace(s)" in second
+    assert _without_cache_line(second) == _without_cache_line(first)
+    as_json, torch_json = _estimate_cli(spec_path, tmp_path / "c", "--json")
+    assert not torch_json and '"max_batch_size"' in as_json
+    # another question (a batch the record does not hold) goes the full way
+    _, torch_other = _estimate_cli(spec_path, tmp_path / "c", "--batch-size", "3")
+    assert torch_other
+
+
+def test_an_answer_record_replays_only_complete_evidence(tmp_path: Path):
+    import autofit
+
+    cache = tmp_path / "c"
+    first = autofit.estimate(TINY, cache=cache)
+    records = list(cache.glob("estimate-*.json"))
+    assert len(records) == 1
+    # a larger budget is another answer: its own record, the shared traces hit
+    wider = autofit.estimate({**TINY, "memory": {"budget": "6MiB", "margin": 0.10}}, cache=cache)
+    assert len(list(cache.glob("estimate-*.json"))) == 2
+    assert wider.cache["hits"] >= 1
+    assert wider.max_batch.batch_size == autofit.estimate(
+        {**TINY, "memory": {"budget": "6MiB", "margin": 0.10}}, cache=False).max_batch.batch_size
+    # a record whose trace is gone is no answer: the trace is run again, same result
+    import json
+
+    keys = json.loads(records[0].read_text())["traces"]
+    (cache / f"{keys[-1]}.json").unlink()
+    again = autofit.estimate(TINY, cache=cache)
+    assert again.cache["new"] == 1 and again.cache["hits"] == len(keys) - 1
+    assert again.max_batch.batch_size == first.max_batch.batch_size
+    assert again.to_dict()["batch_curve"] == first.to_dict()["batch_curve"]
+
+
+def test_device_without_torch():
+    from autofit.predict.cache import device_without_torch
+
+    assert device_without_torch("cpu") == "cpu"
+    assert device_without_torch("cuda") is None and device_without_torch("cuda:1") is None
+    import glob
+    import os
+
+    gpu_nodes = glob.glob("/dev/nvidia*") or os.path.exists("/dev/kfd")
+    if sys.platform.startswith("linux"):
+        assert device_without_torch("auto") == (None if gpu_nodes else "cpu")
+
+
 def test_cache_key_follows_what_a_trace_reads(tmp_path: Path):
     import autofit
     from autofit.predict.cache import TraceCache

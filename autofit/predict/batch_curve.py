@@ -15,7 +15,7 @@ from typing import Any
 
 from autofit.candidate import Candidate
 from autofit.predict.device_model import DeviceModel
-from autofit.predict.trace import MemoryEstimate, estimate
+from autofit.predict.estimates import MemoryEstimate
 from autofit.spec import ExperimentSpec
 
 
@@ -96,8 +96,14 @@ class _Traces:
     """Planned peaks by batch size for one setting, each traced once, on demand."""
 
     def __init__(self, spec: ExperimentSpec, base: Candidate, model: DeviceModel,
-                 known: list[MemoryEstimate] | None) -> None:
+                 known: list[MemoryEstimate] | None,
+                 replay: list[MemoryEstimate] | None = None) -> None:
         self.spec, self.base, self.model = spec, base, model
+        self.replay = {e.candidate.batch_size: e for e in replay or []
+                       if e.candidate.with_batch(base.batch_size) == base
+                       and e.device_kind == model.kind}
+        """Traces read back (an answer record): each answers its batch when asked, as a
+        trace would, so the search takes the same steps as the run that made them."""
         self.derived: dict[int, MemoryEstimate] = {}
         """Estimates read off segment lines proven affine (not traced; see _pin_by_segments)."""
         # estimates already traced for this setting (e.g. the one `autofit estimate` printed)
@@ -106,7 +112,12 @@ class _Traces:
             if e.candidate.with_batch(base.batch_size) == base and e.device_kind == model.kind}
 
     def peak(self, batch: int) -> int:
+        if batch in self.replay:
+            self.cache.setdefault(batch, self.replay[batch])
         if batch not in self.cache:
+            # imported here: a search answered from replayed traces needs no torch
+            from autofit.predict.trace import estimate
+
             self.cache[batch] = estimate(self.spec, self.base.with_batch(batch), self.model)
         return self.cache[batch].peak_bytes
 
@@ -127,17 +138,20 @@ class _Traces:
 def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
                       limit_bytes: int, *, exact: bool = True,
                       max_traces: int = 10,
-                      known: list[MemoryEstimate] | None = None) -> MaxBatchEstimate:
+                      known: list[MemoryEstimate] | None = None,
+                      replay: list[MemoryEstimate] | None = None) -> MaxBatchEstimate:
     """Largest batch in the spec's range whose traced peak fits ``limit_bytes``.
 
     Two traces fit the line; the inverse gives a batch; traces there and one step above pin
     it (the peak is piecewise affine when the peak moves between phases, so re-fit on the
     latest two points until the boundary holds). With ``exact=False`` stop after the two
-    traces (used to rank many combinations cheaply).
+    traces (used to rank many combinations cheaply). ``known``: estimates already made for
+    this setting; ``replay``: traces read back from an answer record, each used only when the
+    search asks for its batch (``known`` up front would change the search's path).
     """
     start = time.perf_counter()
     rng = spec.search.batch_size
-    traces = _Traces(spec, base, model, known)
+    traces = _Traces(spec, base, model, known, replay)
 
     def done(batch: int, curve: BatchCurve, is_exact: bool = True) -> MaxBatchEstimate:
         return MaxBatchEstimate(batch, limit_bytes, curve, {**traces.derived, **traces.cache},

@@ -18,6 +18,15 @@ as a user cache dir shared by every spec. Writes are atomic; an unreadable entry
 
 The cache is active inside ``using(cache)``; ``autofit.predict.trace.estimate`` consults
 ``active()``. Per-layer traces and profiles' timelines are not cached.
+
+An *answer record* (``estimate-<key>.json``) lists the traces one ``autofit estimate`` read or
+made, and the plan it printed against (device, budget, limit). It is keyed by everything the
+command's answer depends on besides those traces: the whole spec, the same code fingerprints,
+the knobs, the calibration file and this machine's memory. A second identical ``estimate``
+finds the record, reads the traces it names and redoes the max-batch arithmetic on them,
+without importing torch (about 1.5 s of a 2 s budget) or resolving the spec's import paths
+(the named files are fingerprinted as for traces). Only for answers on the CPU, where the
+device is known without torch (``device: cpu``, or ``auto`` with no GPU device node here).
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -37,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from autofit.candidate import Candidate
     from autofit.predict.device_model import DeviceModel
-    from autofit.predict.trace import MemoryEstimate
+    from autofit.predict.estimates import MemoryEstimate
     from autofit.spec import ExperimentSpec
 
-FORMAT = 1
+FORMAT = 2
 """Bumped when the entry layout changes (part of every key)."""
 CACHE_DIR_NAME = ".trace_cache"
 ENV_DIR = "AUTOFIT_CACHE_DIR"
@@ -57,6 +68,19 @@ def _stat_line(path: str | os.PathLike[str]) -> str:
 
 
 _AUTOFIT_CODE: dict[str, str] = {}
+
+
+def torch_version() -> str:
+    """torch's version, read from its installed metadata: no ``import torch`` (1.3-2 s) on a
+    cache hit. Falls back to importing it when the metadata is missing."""
+    if "torch" not in _AUTOFIT_CODE:
+        try:
+            _AUTOFIT_CODE["torch"] = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            import torch
+
+            _AUTOFIT_CODE["torch"] = torch.__version__
+    return _AUTOFIT_CODE["torch"]
 
 
 def autofit_code_fingerprint() -> str:
@@ -139,11 +163,11 @@ class TraceCache:
     """Traces answered from the cache."""
     new: int = 0
     """Traces run and stored."""
+    used: list[str] = field(default_factory=list)
+    """Keys of the traces this run read or stored, in order, each once (an answer record)."""
     _spec_keys: dict[int, str] = field(default_factory=dict)
 
     def key(self, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel) -> str:
-        import torch
-
         from autofit.version import __version__
 
         spec_key = self._spec_keys.get(id(spec))
@@ -151,14 +175,14 @@ class TraceCache:
             spec_key = self._spec_keys[id(spec)] = spec_fingerprint(spec)
         text = json.dumps({
             "format": FORMAT, "spec": spec_key, "candidate": candidate.to_dict(),
-            "torch": torch.__version__, "device_model": asdict(model),
+            "torch": torch_version(), "device_model": asdict(model),
             "autofit": [__version__, autofit_code_fingerprint()],
             **parallel_key(spec),
         }, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def get(self, key: str) -> MemoryEstimate | None:
-        from autofit.predict.trace import MemoryEstimate
+        from autofit.predict.estimates import MemoryEstimate
 
         path = self.directory / f"{key}.json"
         try:
@@ -173,10 +197,16 @@ class TraceCache:
             return None
         est.cached = True
         self.hits += 1
+        self._use(key)
         return est
+
+    def _use(self, key: str) -> None:
+        if key not in self.used:
+            self.used.append(key)
 
     def put(self, key: str, est: MemoryEstimate) -> None:
         self.new += 1
+        self._use(key)
         try:
             from autofit.files import write_atomic
 
@@ -184,6 +214,53 @@ class TraceCache:
             write_atomic(self.directory / f"{key}.json", json.dumps(est.to_dict(full=True)))
         except OSError:
             pass  # a cache that cannot be written is only a slower run
+
+    def answer_key(self, spec: ExperimentSpec, question: dict[str, Any],
+                   calibration_file: Path) -> str:
+        """Key of an answer record: the whole spec and the files it names, the question
+        (candidate, device, what was asked), the code, the calibration file and this
+        machine's memory (an 'auto' budget's capacity)."""
+        from autofit.device import cpu_total_bytes
+        from autofit.version import __version__
+
+        spec_key = self._spec_keys.get(id(spec))
+        if spec_key is None:
+            spec_key = self._spec_keys[id(spec)] = spec_fingerprint(spec)
+        text = json.dumps({
+            "format": FORMAT, "spec": spec_key, "raw": spec.raw, "question": question,
+            "torch": torch_version(), "autofit": [__version__, autofit_code_fingerprint()],
+            "calibration": _stat_line(calibration_file.resolve()),
+            "memory": cpu_total_bytes(),
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def get_answer(self, key: str) -> tuple[dict[str, Any], list[MemoryEstimate]] | None:
+        """The record's plan and the traces it names (each a hit), or None when the record
+        or any of its traces is missing."""
+        try:
+            record = json.loads((self.directory / f"estimate-{key}.json").read_text())
+            plan, keys = dict(record["plan"]), [str(k) for k in record["traces"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        hits, found = self.hits, []
+        for trace_key in keys:
+            est = self.get(trace_key)
+            if est is None:
+                self.hits, self.used = hits, []  # a partial answer counts nothing
+                return None
+            found.append(est)
+        return plan, found
+
+    def put_answer(self, key: str, plan: dict[str, Any]) -> None:
+        """Record the traces this run used (``used``) under the answer's key."""
+        try:
+            from autofit.files import write_atomic
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.directory / f"estimate-{key}.json",
+                         json.dumps({"plan": plan, "traces": self.used}, default=str))
+        except OSError:
+            pass
 
     def summary(self) -> str:
         return (f"trace cache: {self.hits} hit(s), {self.new} new trace(s) "
@@ -225,11 +302,30 @@ def using(cache: TraceCache | None) -> Iterator[TraceCache | None]:
         _ACTIVE.reset(token)
 
 
+def device_without_torch(device: str) -> str | None:
+    """The device ``resolve_device`` would pick, when it is known without importing torch:
+    'cpu' asked for, or 'auto' on a machine with no GPU device node (NVIDIA, ROCm) or on macOS
+    (no CUDA). None otherwise (the caller imports torch and asks)."""
+    if device == "cpu":
+        return "cpu"
+    if device != "auto":
+        return None
+    if sys.platform == "darwin":
+        return "cpu"
+    if sys.platform.startswith("linux"):
+        import glob
+
+        if not glob.glob("/dev/nvidia*") and not os.path.exists("/dev/kfd"):
+            return "cpu"
+    return None
+
+
 def user_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/autofit/traces`` (``~/.cache/autofit/traces``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "autofit" / "traces"
 
 
-__all__ = ["CACHE_DIR_NAME", "ENV_DIR", "TraceCache", "active", "cache_for", "module_file",
-           "spec_fingerprint", "user_cache_dir", "using"]
+__all__ = ["CACHE_DIR_NAME", "ENV_DIR", "TraceCache", "active", "cache_for",
+           "device_without_torch", "module_file", "spec_fingerprint", "torch_version",
+           "user_cache_dir", "using"]

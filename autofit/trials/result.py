@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from autofit.breakdown import MemoryBreakdown
 from autofit.candidate import Candidate
 from autofit.choices import Choice, LimitKind, Phase
-from autofit.memory import MemoryBreakdown
 
 
 class TrialStatus(Choice):
