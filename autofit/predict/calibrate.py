@@ -562,8 +562,8 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
     messages = [cal.ops[d.op].describe() for d in diffs]
     reserved = [p for p in cal.probes if p.reserved_bytes and p.measured_bytes]
     if model.kind == "cuda" and reserved:
-        cal.reserve_ratio = sum(p.reserved_bytes for p in reserved) \
-            / sum(p.measured_bytes for p in reserved)  # type: ignore[misc]
+        cal.reserve_ratio = sum(p.reserved_bytes or 0 for p in reserved) \
+            / sum(p.measured_bytes for p in reserved)
         modelled = model.reserved(int(corrected_peak - model.allocated(0, tracker.uses_blas)),
                                   tracker.uses_blas)
         messages.append(f"allocator reserve at {candidate.label()}: measured "
