@@ -131,17 +131,22 @@ def print_tune(console: Console, result: TuneResult) -> None:
             err = f"{100 * (record.predicted_peak_bytes / r.peak_bytes - 1):+.2f}%"
         mark = " ★" if record.number == best_number else ""
         table.add_row(f"{record.number}{mark}", record.purpose.value, str(c.batch_size), str(c.input_size),
-                      c.precision, str(c.checkpoint_segments), _mib(record.predicted_peak_bytes),
+                      c.precision + (f" {c.strategy}" if c.strategy else ""),  # a strategy list
+                      str(c.checkpoint_segments), _mib(record.predicted_peak_bytes),
                       _mib(r.peak_bytes), err, r.status.value,
                       f"{r.samples_per_s:,.1f}" if r.samples_per_s else "-", f"{r.wall_time_s:.1f}")
     console.print(table)
     if len(result.settings) > 1:
         st = Table(title="largest batch per setting (measured where tried, else predicted)",
                    title_justify="left")
-        for col in ("size", "precision", "ckpt", "predicted", "measured", "pinned"):
+        ranks = any(s.setting.strategy for s in result.settings)  # parallel.strategy list
+        for col in ("size", "precision", "ckpt") + (("strategy",) if ranks else ()) + (
+                "predicted", "measured", "pinned"):
             st.add_column(col, justify="right")
-        for s in sorted(result.settings, key=lambda s: (s.input_size, s.precision, s.checkpoint_segments)):
+        for s in sorted(result.settings, key=lambda s: (s.input_size, s.precision, s.checkpoint_segments,
+                                                        s.setting.strategy)):
             st.add_row(str(s.input_size), s.precision, str(s.checkpoint_segments),
+                       *((s.setting.strategy,) if ranks else ()),
                        str(s.predicted_batch_size), str(s.measured_batch_size or "-"),
                        "yes" if s.pinned else "")
         console.print(st)
