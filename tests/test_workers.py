@@ -250,6 +250,38 @@ def _label(batch_size: int, input_size: int, precision: Any, checkpoint_segments
                      precision=Precision(precision), checkpoint_segments=checkpoint_segments).label()
 
 
+def test_max_input_size_items_are_the_walk(tmp_path: Path, one_thread: None) -> None:
+    """max_input_size hands its walk out as one work item per (size, setting) trial: a worker
+    answers what the single-process walk answers, from the same trials, with no duplicate;
+    sizes predicted not to fit are never run."""
+    from autofit.candidate import Candidate
+    from autofit.search.tuner import run_search
+    from autofit.search.workers import duplicates, run_worker
+    from autofit.spec import spec_from_dict
+
+    raw = landscape.make_raw(objective="max_input_size", input_size=[16, 32, 64],
+                             batch_size={"min": 8, "max": 64})
+    raw["name"] = "walk"
+    raw["model"] = {"_target_": "autofit.zoo.gpt", "vocab_size": 64, "block_size": 128,
+                    "n_layer": 2, "n_head": 2, "n_embd": 32}
+    raw["data"] = {"kind": "tokens", "vocab_size": 64, "seq_len": 16}
+    land = landscape.Landscape()
+    spec = spec_from_dict(raw)
+    c32 = land.peak(spec, Candidate(batch_size=8, input_size=32))
+    c64 = land.peak(spec, Candidate(batch_size=8, input_size=64))
+    raw["memory"] = {"budget": int((c32 + c64) / 2 / 0.9), "margin": 0.1}
+    spec = spec_from_dict(raw)
+    alone, shared = landscape.Landscape(), landscape.Landscape()
+    expected = run_search(spec, runner=alone)
+    url = f"journal:{tmp_path / 's.journal'}"
+    result = run_worker(spec, url, runner=shared, poll_s=0.1)
+    assert result.best.result.candidate == expected.best.result.candidate
+    assert result.best.result.candidate.input_size == 32
+    assert sorted(shared.calls) == sorted(alone.calls)
+    assert all(call[1] <= 32 for call in shared.calls)
+    assert duplicates(load(raw, url)) == 0
+
+
 def test_results_of_unfinished_study_say_so(tmp_path: Path, one_thread: None) -> None:
     """``autofit results`` on a study with pending work: partial, with one clear line."""
     from autofit.candidate import Setting

@@ -530,7 +530,25 @@ def work_order(search: Any, settings: list[Setting]) -> list[Setting]:
                                                 st.precision != "fp32"))
     if objective == Objective.MAX_THROUGHPUT:
         return _throughput_candidates(search, settings)
-    return []  # max_input_size walks sizes down to the first fit: the finish does it
+    return input_walk(search, settings)
+
+
+def input_walk(search: Any, settings: list[Setting]) -> list[Setting]:
+    """max_input_size: the (size, setting) trials ``search_max_input`` walks, in its order
+    (sizes from the largest predicted to fit down; per size, cheapest compute first among the
+    settings predicted to fit the minimum batch, then the leanest of the rest)."""
+    spec, p = search.spec, search.predictions
+    bmin = spec.search.batch_size.lowest
+    order = {prec: i for i, prec in enumerate(spec.search.precisions)}
+    fitting = [st.input_size for st in settings if p[st].batch_size >= bmin]
+    top = max(fitting) if fitting else min(spec.input_sizes)
+    walk = []
+    for size in sorted((s for s in spec.input_sizes if s <= top), reverse=True):
+        options = [st for st in settings if st.input_size == size]
+        options.sort(key=lambda st: (False, st.checkpoint_segments, order[st.precision])
+                     if p[st].batch_size >= bmin else (True, -p[st].batch_size, 0))
+        walk += options
+    return walk
 
 
 def _best_fit(ledger: Ledger) -> int:
@@ -553,6 +571,18 @@ def process_setting(search: Any, setting: Setting) -> None:
         pin_setting(search, setting)
     elif objective == Objective.MAX_THROUGHPUT:
         _time_setting(search, setting, None)
+    else:  # max_input_size: this size's trial at the minimum batch, unless a larger size fits
+        from autofit.search.pinner import BatchPinner
+
+        bmin = search.spec.search.batch_size.lowest
+        fitted = [r.result.candidate.input_size for r in search.ledger.cache.values()
+                  if r.result.fits]
+        if fitted and max(fitted) > setting.input_size:
+            search.say(f"skipping {setting.describe()}: input size {max(fitted)} fits already")
+            return
+        pinner = BatchPinner(search.spec, setting, search.predictions[setting],
+                             search.plan.limit_bytes)
+        search.ledger.run(pinner.candidate(bmin), Purpose.PREDICTED, pinner.predicted_peak(bmin))
 
 
 def finish(search: Any, settings: list[Setting], runner_for_targets: Any) -> TuneResult:
