@@ -135,7 +135,7 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
     Raises:
         SpecError: a bad spec or knob. BuildError: the model or step cannot be built/traced.
     """
-    knobs = {"batch_size": batch_size, "input_size": input_size, "precision": precision,
+    knobs: dict[str, Any] = {"batch_size": batch_size, "input_size": input_size, "precision": precision,
              "segments": segments}
     if cache is not False and not per_layer and not calibrate:
         answered = _estimate_from_record(spec, knobs, device, max_batch, cache)

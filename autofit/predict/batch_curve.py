@@ -290,7 +290,7 @@ def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
 
     traced = max(round(e2.segment_peaks[n] + (e3.segment_peaks[n] - e2.segment_peaks[n]) * t)
                  for n in e2.segment_peaks)
-    parts = {f: mix(getattr(b2, f), getattr(b3, f)) for f in
+    parts: dict[str, Any] = {f: mix(getattr(b2, f), getattr(b3, f)) for f in
              ("params_bytes", "grads_bytes", "optimizer_state_bytes", "activations_bytes")}
     breakdown = replace(b3, **parts, temporaries_bytes=traced - sum(parts.values()),
                         peak_bytes=traced,
