@@ -128,7 +128,7 @@ def _resize(storage: Any, size: int) -> Any:
             if block is not None:
                 tracker._free(key)
             if storage.nbytes():  # FSDP2: an unsharded parameter, all-gathered again
-                tracker._add(_StorageView(storage), category or Category.PARAMS)
+                tracker._add(_StorageView(storage), category or Category.PARAMS)  # type: ignore[arg-type]
                 resized = tracker.__dict__.setdefault("resized_seqs", set())
                 resized.add(tracker.seq)
     return out
@@ -140,7 +140,7 @@ def track_resizes(tracker: MemoryTracker) -> Iterator[None]:
     global _ORIGINAL_RESIZE
     if _ORIGINAL_RESIZE is None:
         _ORIGINAL_RESIZE = torch.UntypedStorage.resize_
-        torch.UntypedStorage.resize_ = _resize  # type: ignore[method-assign]
+        torch.UntypedStorage.resize_ = _resize  # type: ignore[method-assign,assignment]
     _TRACKERS.append(tracker)
     try:
         yield
@@ -190,7 +190,7 @@ def shard_units(model: nn.Module, blocks_path: Any) -> list[nn.Module]:
         stages = find_blocks(model, blocks_path)
     except BuildError:
         return []
-    return [block for _, stage in stages for block in stage]
+    return [block for _, stage in stages for block in stage]  # type: ignore[attr-defined]
 
 
 def fsdp_wrapper(plan: RankPlan, spec: ExperimentSpec, mesh: Any) -> Any:

@@ -187,6 +187,7 @@ class TraceCache:
         path = self.directory / f"{key}.json"
         try:
             data = json.loads(path.read_text())
+            est: MemoryEstimate
             if "strategy" in data:  # one rank of DDP / FSDP2
                 from autofit.predict.distributed import RankEstimate
 

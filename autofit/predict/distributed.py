@@ -152,7 +152,7 @@ def rank_peak(tracker: MemoryTracker, plan: RankPlan, buckets: int = 0
         peak_bytes=peak, peak_phase=phase, peak_step=step)
     if plan.strategy == "fsdp":
         live = tracker.live_at(seq)
-        resized = getattr(tracker, "resized_seqs", set())
+        resized: set[int] = getattr(tracker, "resized_seqs", set())
         rank["unsharded_params"] = sum(b.nbytes for b in live if b.alloc_seq in resized)
         rank["sharded_params"] = breakdown.params_bytes - rank["unsharded_params"]
     return breakdown, rank
