@@ -4,6 +4,7 @@ Usage::
 
     python scripts/bench_speed.py             # start-up, estimate per shipped CPU config, quickstart tune
     python scripts/bench_speed.py --no-tune   # start-up and estimates only
+    python scripts/bench_speed.py --no-anchors --no-three-axis   # skip the long parts (~10 min)
 
 Every figure is the wall time of a fresh process, as a user sees it:
 
@@ -15,13 +16,29 @@ Every figure is the wall time of a fresh process, as a user sees it:
   *warm* = the same command again (every trace from the cache);
 * ``autofit tune configs/quickstart_cpu.yaml`` the same three ways (fresh output dir each).
 
+* where a cold estimate's time goes, in one fresh process per config: Python and autofit's
+  imports, ``import torch``, ``import torch._dynamo`` (FakeTensorMode's constructor imports its
+  config), and each trace;
+* ``tune`` against the anchors on every ``scripts/bench_anchors.py`` case, with its runners
+  (``run_autofit`` in this process, the anchors each in a fresh worker process, as there):
+  autofit with no trace cache (cold) and with a warm one, Lightning binsearch and power,
+  accelerate. Every wall time excludes Python start-up and imports (the anchors' workers time
+  the search only; autofit's fork server is started and ``torch._dynamo`` imported before the
+  clock). Answer quality: autofit's batch ran and fits and the next batch ran and does not
+  (the boundary, i.e. the true max for a memory that grows with batch);
+* the 3-axis search of ``scripts/bench_tune.py`` (gpt_tiny, 3 sizes x 3 precisions x 3 segment
+  counts): *before* = per-stretch lines off and no cache (as the estimate's before), *cold* =
+  today with an empty cache, *warm* = again with that cache.
+
 The runs alternate per config so that load on a shared machine hits both sides alike;
-ratios are after / before.
+ratios are after / before. The load average is printed with every table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -63,13 +80,46 @@ def traces_of(stdout: str) -> str:
     return "?"
 
 
+COLD_PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+import autofit.api
+t1 = time.perf_counter()
+import torch
+t2 = time.perf_counter()
+import torch._dynamo
+t3 = time.perf_counter()
+r = autofit.api.estimate(sys.argv[1], cache=False)
+t4 = time.perf_counter()
+traces = [e.trace_time_s for e in r.max_batch.estimates.values() if not e.derived]
+print(json.dumps({"autofit": t1 - t0, "torch": t2 - t1, "dynamo": t3 - t2,
+                  "estimate": t4 - t3, "traces": traces}))
+"""
+
+
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cold_phases(config: str) -> dict[str, float]:
+    start = time.perf_counter()
+    _, out = wall([sys.executable, "-c", COLD_PHASES, config])
+    phases = json.loads(out.strip().splitlines()[-1])
+    phases["total"] = time.perf_counter() - start
+    return phases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--no-anchors", action="store_true",
+                        help="skip tune vs Lightning/accelerate on the bench_anchors cases")
+    parser.add_argument("--no-three-axis", action="store_true", help="skip the 3-axis search")
+    parser.add_argument("--cases", nargs="+", help="bench_anchors cases (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="start-up runs (median)")
     args = parser.parse_args()
     print(f"# bench_speed: {platform.machine()} {platform.processor() or ''}, "
-          f"Python {platform.python_version()}")
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load {load()}")
 
     now = sorted(wall(autofit("--help"))[0] for _ in range(args.repeat))
     old = sorted(wall(patched(WITH_TORCH, "--help"))[0] for _ in range(args.repeat))
@@ -90,6 +140,17 @@ def main() -> None:
         print(f"| {name} | {before:.2f} ({traces_of(out_b)}) | {cold:.2f} ({traces_of(out_c)}) "
               f"| {warm:.2f}{hit} | {cold / before:.2f} | {warm / before:.2f} |")
 
+    print(f"\nload {load()}")
+    print("\n| cold estimate, where the time goes (s) | total | python + autofit | import torch "
+          "| import torch._dynamo | traces (each) | rest |\n|---|---|---|---|---|---|---|")
+    for name in CPU_CONFIGS:
+        p = cold_phases(f"configs/{name}.yaml")
+        traced = sum(p["traces"])
+        rest = p["total"] - p["autofit"] - p["torch"] - p["dynamo"] - traced
+        each = " + ".join(f"{t:.2f}" for t in p["traces"])
+        print(f"| {name} | {p['total']:.2f} | {p['autofit']:.2f} | {p['torch']:.2f} "
+              f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {rest:.2f} |")
+
     if args.no_tune:
         return
     print("\n| autofit tune | before s | cold s | warm s | cold/before | warm/before |"
@@ -103,7 +164,104 @@ def main() -> None:
     print(f"| quickstart_cpu | {before:.1f} | {cold:.1f} | {warm:.1f} | {cold / before:.2f} "
           f"| {warm / before:.2f} |")
     hits = [line for line in out_w.splitlines() if "trace cache:" in line]
-    print(f"\nwarm tune: {hits[-1].strip() if hits else 'no cache line'}")
+    print(f"\nwarm tune: {hits[-1].strip() if hits else 'no cache line'}; load {load()}")
+    if not args.no_anchors:
+        tune_vs_anchors(args.cases)
+    if not args.no_three_axis:
+        three_axis_before_after()
+
+
+def _prepare_in_process() -> None:
+    """What the anchors' workers do before their clock starts: imports (and autofit's fork
+    server, as bench_anchors starts it)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch._dynamo  # noqa: F401  FakeTensorMode imports it on first use
+
+    from autofit.trials import runner as trial_mod
+
+    trial_mod.prestart()
+
+
+def _boundary(r: dict) -> str:
+    """'yes' when the returned batch ran and fit and the next batch ran and did not."""
+    got = r.get("returned")
+    if got is None:
+        return "no answer"
+    ran = {t["batch"]: t["status"] for t in r["trials"]}
+    fits, above = ran.get(got) == "ok", ran.get(got + 1)
+    return "yes" if fits and above not in (None, "ok") else \
+        f"{'ran' if fits else 'NOT RUN'}, {got + 1}: {above or 'not run'}"
+
+
+def tune_vs_anchors(cases: list[str] | None) -> None:
+    _prepare_in_process()
+    import bench_anchors as A
+
+    from autofit.predict.cache import TraceCache
+    from autofit.predict.cache import using as using_cache
+
+    names = cases or [*A.case_names(), A.LIGHTNING_CASE]
+    print(f"\n## tune vs the anchors (bench_anchors cases), load {load()}\n")
+    print("| case | autofit cold s | autofit warm s | Lightning binsearch s | Lightning power s "
+          "| accelerate s | cold / binsearch | warm / binsearch | batch: autofit / binsearch "
+          "/ power / accelerate | autofit pinned (b fits, b+1 OOM) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        spec = A.case_spec(name)
+        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
+            cold = A.run_autofit(spec)  # an empty cache: every trace runs
+            warm = A.run_autofit(spec)
+        anchors = {kind: A.run_anchor(kind, name) for kind in
+                   ("lightning-binsearch", "lightning-power", "accelerate")
+                   if name != A.LIGHTNING_CASE or kind != "accelerate"}
+        binsearch = anchors["lightning-binsearch"]["wall_s"] or float("nan")
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "-"
+            return f"{r['wall_s']:.1f}" + (f" ({r['error'][:60]})" if r.get("error") else "")
+
+        batches = " / ".join(str(r.get("returned")) if r else "-" for r in
+                             (cold, anchors["lightning-binsearch"], anchors["lightning-power"],
+                              anchors.get("accelerate")))
+        print(f"| {name} | {cell(cold)} | {cell(warm)} | {cell(anchors['lightning-binsearch'])} "
+              f"| {cell(anchors['lightning-power'])} | {cell(anchors.get('accelerate'))} "
+              f"| {cold['wall_s'] / binsearch:.2f} | {warm['wall_s'] / binsearch:.2f} "
+              f"| {batches} | {_boundary(cold)} |", flush=True)
+        print(f"<!-- {name}: autofit predict {cold.get('predict_s', 0):.1f} s of "
+              f"{cold['wall_s']:.1f} s cold, {warm.get('predict_s', 0):.1f} s of "
+              f"{warm['wall_s']:.1f} s warm; {len(cold['trials'])} trials; load {load()} -->",
+              flush=True)
+
+
+def three_axis_before_after() -> None:
+    _prepare_in_process()
+    import bench_tune as T
+
+    import autofit.predict.batch_curve as bc
+    from autofit.predict.cache import TraceCache
+    from autofit.predict.cache import using as using_cache
+
+    def quiet(_: str) -> None:
+        pass
+
+    print(f"\n## 3-axis search (bench_tune: 27 settings), load {load()}\n")
+    print("| run | wall s | predictions s | trials | best |\n|---|---|---|---|---|")
+    rows = {}
+    pin = bc._pin_by_segments
+    bc._pin_by_segments = lambda *a, **k: None
+    try:
+        rows["before (lines off, no cache)"] = T.three_axis(quiet)
+    finally:
+        bc._pin_by_segments = pin
+    with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
+        rows["cold (empty cache)"] = T.three_axis(quiet)
+        rows["warm (same cache)"] = T.three_axis(quiet)
+    for label, row in rows.items():  # [name, budget, combos, pin, trials, steps, measured, best, predict s, wall s]
+        print(f"| {label} | {row[9]} | {row[8]} | {row[4]} | {row[7]} |")
+    before = float(rows["before (lines off, no cache)"][9])
+    print(f"\ncold / before {float(rows['cold (empty cache)'][9]) / before:.2f}, warm / before "
+          f"{float(rows['warm (same cache)'][9]) / before:.2f}; load {load()}")
 
 
 if __name__ == "__main__":
