@@ -77,6 +77,12 @@ def with_plan(spec: ExperimentSpec, strategy: str, world_size: int | None = None
     return replace(spec, parallel=par)
 
 
+def with_world_size(spec: ExperimentSpec, world_size: int) -> ExperimentSpec:
+    """The spec run at ``world_size`` ranks (its strategies unchanged; ``raw`` stays the
+    user's): what a machine with fewer GPUs than the job's ranks verifies instead."""
+    return replace(spec, parallel=replace(spec.parallel, world_size=world_size))
+
+
 _PLANNED: dict[tuple[int, str], tuple[Any, Any]] = {}
 
 

@@ -267,3 +267,31 @@ def sharding_note(spec: ExperimentSpec, model: DeviceModel, limit_bytes: int,
         return sharding_line(spec_for(spec, candidate), candidate, model, limit_bytes)
     except AutofitError:
         return None
+
+
+def predicted_only(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+                   limit_bytes: int, short: Any) -> dict[str, Any] | None:
+    """The answer at the job's own world size when the trials could only run fewer ranks
+    (``short``: ``autofit.trials.ranks.RankShortfall``; ``spec`` at the job's world size,
+    ``candidate`` the winner verified at ``short.verified_world_size``): the predicted max
+    batch per rank at N and the per-rank peak of the verified batch at N, marked
+    predicted-only. None when the winner runs one process (nothing depends on N)."""
+    from autofit.parallel import spec_for
+    from autofit.predict.batch_curve import predict_max_batch
+    from autofit.predict.trace import estimate
+
+    run = spec_for(spec, candidate)
+    if run.parallel.strategy == "none":
+        return None
+    pred = predict_max_batch(run, candidate.with_batch(spec.search.batch_size.min), model,
+                             limit_bytes, exact=True)
+    at_n = estimate(run, candidate, model)
+    n, k = short.world_size, short.verified_world_size
+    return {**short.to_dict(), "strategy": run.parallel.strategy,
+            "verified_batch_size": candidate.batch_size,
+            "predicted_batch_size": pred.batch_size,
+            "predicted_peak_bytes_at_verified_batch": at_n.peak_bytes,
+            "note": (f"{short.note()}: {run.parallel.strategy} over {n} ranks is predicted to "
+                     f"fit batch {pred.batch_size} per rank (batch {candidate.batch_size}, "
+                     f"verified on {k} ranks, is predicted to peak {at_n.peak_bytes:,} bytes "
+                     f"per rank at {n}); the tuned batch is the verified one")}

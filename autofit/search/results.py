@@ -118,6 +118,9 @@ class TuneResult:
     """What became of peak_vs_batch.png ("wrote ..." or why it was skipped)."""
     calibration: dict[str, Any] = field(default_factory=dict)
     """Probe calibrations (``predict.calibrate.CalibrationStore.to_dict``); empty: none."""
+    ranks: dict[str, Any] = field(default_factory=dict)
+    """Fewer GPUs than the job's ranks: its world size, the one verified instead and the
+    predicted-only answer at the job's (``predict.distributed.predicted_only``); empty: none."""
 
     @property
     def step_kind(self) -> StepKind:
@@ -210,5 +213,6 @@ class TuneResult:
             "notes": self.notes,
             "curves": self.curves,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"ranks": self.ranks} if self.ranks else {}),
             "trials": [t.to_dict() for t in self.trials],
         }

@@ -17,9 +17,10 @@ from typing import Any
 from autofit.candidate import Setting
 from autofit.choices import Objective
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
+from autofit.parallel import with_world_size
 from autofit.predict import calibrate as calib
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
-from autofit.predict.distributed import sharding_note
+from autofit.predict.distributed import predicted_only, sharding_note
 from autofit.search.events import EventHandler, emitter
 from autofit.search.plan import (
     Plan,
@@ -39,6 +40,7 @@ from autofit.search.searches import (
 from autofit.search.study import Ledger, open_study
 from autofit.search.targets import configure_targets
 from autofit.spec import ExperimentSpec
+from autofit.trials.ranks import spec_shortfall
 from autofit.trials.result import TrialResult
 from autofit.trials.runner import prestart, run_trial
 
@@ -141,6 +143,10 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
     started = time.perf_counter()
     emit = emitter(on_event)
     plan = plan_limits(spec, device)
+    job_spec, short = spec, spec_shortfall(spec, plan.device)
+    if short is not None:  # fewer GPUs than ranks: search and verify at the largest world size
+        spec = with_world_size(spec, short.verified_world_size)
+        plan.notes.append(short.note())
     strategy = choose_strategy(spec)
     study = open_study(spec, Path(out_dir) if out_dir is not None else None, storage, resume)
     holder: list[Search] = []
@@ -185,6 +191,14 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
         raise TuneFailed(exc, partial()) from exc
     result = partial()
     result.best = best
+    if short is not None:  # the answer at the job's own world size, marked predicted-only
+        try:
+            result.ranks = predicted_only(job_spec, best.result.candidate, plan.device_model,
+                                          plan.limit_bytes, short) or short.to_dict()
+        except AutofitError as exc:
+            result.ranks = {**short.to_dict(), "note": f"{short.note()}; its prediction "
+                                                       f"failed: {exc}"}
+        result.notes.append(result.ranks["note"])
     result.targets = configure_targets(spec, best, plan, ledger.runner, emit)
     result.wall_time_s = time.perf_counter() - started
     return result

@@ -33,6 +33,58 @@ POLL_S = 0.05
 FAILED = ("oom", "error")
 
 
+# --------------------------------------------------------------------------- fewer GPUs than ranks
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this machine has (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RankShortfall:
+    """A world size this machine cannot run on real ranks, and the one it verifies instead."""
+
+    world_size: int
+    """The ranks the job asks for (N)."""
+    verified_world_size: int
+    """The largest world size the trials can run here (k < N): one rank per CUDA device."""
+
+    def note(self) -> str:
+        return (f"verified on {self.verified_world_size} ranks; world size {self.world_size} "
+                f"is predicted-only (this machine has {self.verified_world_size} CUDA "
+                f"device{'s' if self.verified_world_size != 1 else ''}, one per rank)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "verified_world_size": self.verified_world_size,
+                "predicted_only": True, "note": self.note()}
+
+
+def rank_shortfall(world_size: int, device: str, *,
+                   device_count: int | None = None) -> RankShortfall | None:
+    """None when a real trial can run ``world_size`` ranks on ``device``: always on CPU (a
+    gloo rank is a process), on CUDA when there is one device per rank. Otherwise the
+    largest world size available (the device count; ``device_count`` overrides the query,
+    for tests). Without any CUDA device there is nothing to verify on: None (the trial
+    itself reports that)."""
+    if world_size <= 1 or not str(device).startswith("cuda"):
+        return None
+    count = cuda_device_count() if device_count is None else device_count
+    if count < 1 or count >= world_size:
+        return None
+    return RankShortfall(world_size, count)
+
+
+def spec_shortfall(spec: ExperimentSpec, device: str, *,
+                   device_count: int | None = None) -> RankShortfall | None:
+    """``rank_shortfall`` of a spec that runs ddp/fsdp (any strategy of a list)."""
+    if all(s == "none" for s in spec.parallel.strategies):
+        return None
+    return rank_shortfall(spec.world_size, device, device_count=device_count)
+
+
 class _RankRun(TrialRun):
     """One rank of a multi-rank trial: the single-process trial, on a real process group."""
 
@@ -148,13 +200,30 @@ def _tail(path: Path, lines: int = 3) -> str:
 def run_rank_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | None = None,
                    steps: int | None = None, warmup_steps: int | None = None,
                    timeout_s: float | None = None, device: str | None = None,
-                   plan: Any = None) -> TrialResult:
+                   plan: Any = None, device_count: int | None = None) -> TrialResult:
     """Run ``candidate`` on ``plan.world_size`` real ranks (default: the spec's parallel
-    section); ``limit_bytes`` is each rank's budget. Never raises for what a rank does."""
+    section); ``limit_bytes`` is each rank's budget. Never raises for what a rank does.
+
+    On CUDA with fewer devices than ranks the trial runs the largest world size available
+    (``rank_shortfall``), one rank per device; ``extra["requested_world_size"]`` and the
+    result's warning say that the asked world size is predicted-only."""
     from autofit.parallel import RankPlan
 
     plan = plan or RankPlan.from_spec(spec)
     device = device or resolve_device(spec.device)
+    short = rank_shortfall(plan.world_size, device, device_count=device_count)
+    if short is not None:
+        plan = dataclasses.replace(plan, world_size=short.verified_world_size)
+    result = _run_ranks(spec, candidate, plan, device, limit_bytes, steps, warmup_steps, timeout_s)
+    if short is not None:
+        result.extra["requested_world_size"] = short.world_size
+        result.warning = "; ".join(w for w in (result.warning, short.note()) if w)
+    return result
+
+
+def _run_ranks(spec: ExperimentSpec, candidate: Candidate, plan: Any, device: str,
+               limit_bytes: int | None, steps: int | None, warmup_steps: int | None,
+               timeout_s: float | None) -> TrialResult:
     timeout_s = spec.search.timeout_s if timeout_s is None else timeout_s
     world = plan.world_size
     started = time.perf_counter()
