@@ -24,7 +24,8 @@ Columns: wall time, real trials (measured trials in the study), duplicate trials
 candidate and steps measured twice: must be 0), the answer (must be the same in every row),
 the 1-minute load average when the row ended (other work on the machine slows every row), and
 where the time went: ``trials s`` (the trials' own wall times summed over every worker),
-``predict s`` (the first worker's predictions) and ``fixed s`` (the wall time outside the
+``per worker s`` (the same split by the worker that ran each trial: with two free cores the
+trial phase takes the larger share), ``predict s`` (the first worker's predictions) and ``fixed s`` (the wall time outside the
 first worker's search: process start, imports, writing the files, waiting for the others).
 Before the rows it measures the machine's headroom: two one-thread matmul processes' summed
 rate over one's alone (2.00x on two idle cores; other work on the machine lowers it, and
@@ -79,7 +80,13 @@ def run(label: str, args: list[str], out: Path, url: str, spec_path: Path) -> di
     best = data["best"]
     storage = open_storage(url)
     study = optuna.load_study(study_name=study_name(load_spec(spec_path)), storage=storage)
+    per_worker: dict[str, float] = {}
+    for t in measured_trials(study):
+        worker = str(t.user_attrs.get("worker") or "tune")
+        per_worker[worker] = per_worker.get(worker, 0.0) + float(
+            t.user_attrs["result"].get("wall_time_s") or 0.0)
     return {"label": label, "wall_s": wall, "trials": len(measured_trials(study)),
+            "split": " / ".join(f"{s:.1f}" for s in sorted(per_worker.values(), reverse=True)),
             "duplicates": duplicates(study),
             "trial_s": sum(float(t.get("seconds") or 0.0) for t in data["trials"]),
             "predict_s": float(data.get("predict_s") or 0.0),
@@ -184,12 +191,12 @@ def main() -> None:
              f"{room:.2f}x the matmul rate of one before the rows (the ceiling of a 2-worker "
              f"speed-up on this machine at that moment; 2.00x on two idle cores)",
              "", f"| run | wall s | speed-up vs {rows[0]['label']} | real trials | duplicates | answer "
-                 "| trials s | predict s | fixed s | load |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+                 "| trials s | per worker s | predict s | fixed s | load |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | "
                      f"{r['trials']} | {r['duplicates']} | {r['answer']} | {r['trial_s']:.1f} | "
-                     f"{r['predict_s']:.1f} | {r['fixed_s']:.1f} | {r['load']:.1f} |")
+                     f"{r['split']} | {r['predict_s']:.1f} | {r['fixed_s']:.1f} | {r['load']:.1f} |")
     same = len({r["answer"] for r in rows}) == 1
     dups = sum(r["duplicates"] for r in rows)
     lines += ["", f"answers identical: {'yes' if same else 'NO'}; duplicate trials: {dups}"]

@@ -274,12 +274,16 @@ def test_max_input_size_items_are_the_walk(tmp_path: Path, one_thread: None) -> 
     alone, shared = landscape.Landscape(), landscape.Landscape()
     expected = run_search(spec, runner=alone)
     url = f"journal:{tmp_path / 's.journal'}"
-    result = run_worker(spec, url, runner=shared, poll_s=0.1)
+    result = run_worker(spec, url, runner=shared, poll_s=0.1, worker_id="walker")
     assert result.best.result.candidate == expected.best.result.candidate
     assert result.best.result.candidate.input_size == 32
     assert sorted(shared.calls) == sorted(alone.calls)
     assert all(call[1] <= 32 for call in shared.calls)
-    assert duplicates(load(raw, url)) == 0
+    study = load(raw, url)
+    assert duplicates(study) == 0
+    from autofit.search.workers import measured_trials
+
+    assert {t.user_attrs["worker"] for t in measured_trials(study)} == {"walker"}
 
 
 def test_results_of_unfinished_study_say_so(tmp_path: Path, one_thread: None) -> None:

@@ -487,6 +487,7 @@ class WorkerLedger(Ledger):
                     trial.suggest_int(name, dist.low, dist.high)
                 else:
                     trial.suggest_categorical(name, dist.choices)
+            trial.set_user_attr("worker", getattr(self, "worker_id", ""))  # who measured it
             return Ledger._store(self, candidate, result, purpose, predicted_peak, steps,
                                  asked=trial)
 
@@ -729,6 +730,7 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
     study, created = open_worker_study(spec, storage, create=not assemble_only,
                                        say=lambda m: emit(Note(m)), name=name)
     ledger = WorkerLedger(spec, plan.limit_bytes, plan.device, study, runner, emit, 0)
+    ledger.worker_id = worker_id  # type: ignore[attr-defined]
     search = Search(spec, plan, {}, {}, ledger, emit, Strategy.BINARY, None)
     search.started, search.predict_s = started, 0.0  # type: ignore[attr-defined]
     for note in plan.notes:
