@@ -94,6 +94,9 @@ class EstimateResult:
     """The trace cache used: dir, hits, new traces (None: cache off)."""
     calibration: list[str] = field(default_factory=list)
     """Probe calibration lines (corrections, or the ops known to misreport without a probe)."""
+    per_strategy: list[dict[str, Any]] = field(default_factory=list)
+    """``parallel.strategy`` lists several: one rank of each (``strategy``, ``world_size``,
+    ``peak_bytes``, ``max_batch_size``), in spec order; ``estimate`` is the first's."""
 
     def to_dict(self) -> dict[str, Any]:
         est, mb = self.estimate, self.max_batch
@@ -107,6 +110,8 @@ class EstimateResult:
             layers=[vars(r) for r in est.layers] if est.layers else None,
             trace_cache=self.cache, calibration=self.calibration,
         )
+        if self.per_strategy:
+            data["per_strategy"] = self.per_strategy
         return data
 
 
@@ -169,15 +174,40 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
         if max_batch and plan.limit_bytes:
             mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
                                    plan.device_model, plan.limit_bytes, known=[est])
+        per_strategy = (_per_strategy(spec, cand, plan, est, mb, max_batch)
+                        if len(spec.parallel.strategies) > 1 else [])
     if not calibrate and store.find(cand, plan.device_model.kind) is None:
         lines += est.misreporting
     if (traces is not None and not per_layer and not calibrate
-            and spec.parallel.strategy == "none" and plan.device == "cpu"
+            and spec.parallel.strategies == ("none",) and plan.device == "cpu"
             and device_without_torch(device or spec.device) == "cpu"):
         traces.put_answer(_answer_key(traces, spec, cand, device, max_batch, out_dir),
                           {**vars(plan), "device_model": asdict(plan.device_model)})
     return EstimateResult(est, mb, plan, spec.memory.margin,
-                          traces.to_dict() if traces is not None else None, lines)
+                          traces.to_dict() if traces is not None else None, lines, per_strategy)
+
+
+def _per_strategy(spec: ExperimentSpec, cand: Candidate, plan: Plan, first: MemoryEstimate,
+                  first_max: MaxBatchEstimate | None, max_batch: bool) -> list[dict[str, Any]]:
+    """One rank of each strategy of a ``parallel.strategy`` list: its peak at ``cand`` and
+    its largest batch per rank (the first strategy's are ``first`` and ``first_max``)."""
+    from autofit.parallel import with_plan
+    from autofit.predict.trace import estimate as predict_estimate
+
+    rows = []
+    for i, strategy in enumerate(spec.parallel.strategies):
+        est, mb = first, first_max
+        if i:
+            one = with_plan(spec, strategy)
+            est = predict_estimate(one, cand, plan.device_model)
+            mb = (predict_max_batch(one, cand.with_batch(spec.search.batch_size.min),
+                                    plan.device_model, plan.limit_bytes, known=[est])
+                  if max_batch and plan.limit_bytes else None)
+        rows.append({"strategy": strategy,
+                     "world_size": spec.world_size if strategy != "none" else 1,
+                     "peak_bytes": est.peak_bytes,
+                     "max_batch_size": mb.batch_size if mb is not None else None})
+    return rows
 
 
 def _answer_key(traces: TraceCache, spec: ExperimentSpec, cand: Candidate, device: str | None,
@@ -207,7 +237,7 @@ def _estimate_from_record(spec_like: SpecLike, knobs: dict[str, Any], device: st
         cand = candidate_for(spec, **knobs)
     except SpecError:
         return None  # the full path reports it
-    if spec.parallel.strategy != "none" or device_without_torch(device or spec.device) is None:
+    if spec.parallel.strategies != ("none",) or device_without_torch(device or spec.device) is None:
         return None
     out_dir = tune_out_dir(spec, None)
     traces = cache_for(cache, out_dir)

@@ -96,6 +96,10 @@ def estimate(
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
                    per_layer, plan.notes)
+    from autofit.cli.report import strategy_lines
+
+    for line in strategy_lines(result.per_strategy, result.estimate.candidate.batch_size):
+        out.print(line, markup=False)
     if result.max_batch is not None and result.max_batch.batch_size == 0:
         from autofit.api import as_spec
         from autofit.predict.distributed import sharding_line

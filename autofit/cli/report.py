@@ -89,6 +89,21 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
         console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
+def strategy_lines(rows: list[dict[str, Any]], batch_size: int) -> list[str]:
+    """``estimate`` of a ``parallel.strategy`` list: one line per strategy, one rank each."""
+    if not rows:
+        return []
+    lines = [f"per strategy (one rank of each: its peak at batch {batch_size}, its largest "
+             f"batch per rank under the limit):"]
+    for row in rows:
+        where = ("one process" if row["strategy"] == "none"
+                 else f"over {row['world_size']} ranks")
+        batch = "unknown" if row["max_batch_size"] is None else str(row["max_batch_size"])
+        lines.append(f"  {row['strategy']:<5} {where:<16} per-rank peak "
+                     f"{format_binary(row['peak_bytes']):>11}  max batch per rank {batch}")
+    return lines
+
+
 def trial_line(record: TrialRecord) -> str:
     r = record.result
     status = {"fits": "[green]fits[/green]", "oom": "[yellow]oom[/yellow]"}.get(
