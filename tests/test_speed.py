@@ -119,6 +119,27 @@ def test_a_second_estimate_answers_without_torch(tmp_path: Path):
     assert torch_other
 
 
+def test_the_command_skips_teardown_but_keeps_output_and_exit_code(tmp_path: Path):
+    """``autofit`` leaves with os._exit once torch is loaded: everything printed still
+    arrives through a pipe, and the exit code is the command's."""
+    import yaml
+
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(TINY))
+    ok = subprocess.run([sys.executable, "-m", "autofit.cli", "estimate", str(spec_path),
+                         "--no-cache", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    assert json.loads(ok.stdout)["max_batch_size"] > 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "model": {"_target_": "autofit.zoo.nope"}}))
+    failed = subprocess.run([sys.executable, "-m", "autofit.cli", "estimate", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert failed.returncode == 2
+    assert "cannot import 'autofit.zoo.nope'" in failed.stderr and "Traceback" not in failed.stderr
+
+
 def test_an_answer_record_replays_only_complete_evidence(tmp_path: Path):
     import autofit
 
