@@ -267,3 +267,48 @@ def test_verification_length_follows_the_backend():
     throughput = spec_from_dict({**raw, "search": {"verify_steps": 10, "objective": "max_throughput"}})
     assert verification_steps(throughput, best(LimitKind.CPU_BUDGET))[0] == 10
     assert verification_steps(spec, best(LimitKind.RLIMIT))[0] == 10
+
+
+def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Path):
+    """A process forked from the trial fork server traces settings from the last one down
+    while this one traces from the first up; the answers are the serial ones, and the
+    helper's settings are read back from the cache it filled (hits on an empty cache)."""
+    import time
+
+    import autofit
+    from autofit.predict.batch_curve import predict_many, predict_max_batch
+    from autofit.predict.cache import TraceCache, using
+    from autofit.predict.device_model import CPU
+    from autofit.search.plan import settings_of
+    from autofit.trials import runner
+
+    spec = autofit.as_spec({**TINY, "model": {"_target_": "autofit.zoo.gpt", "n_layer": 1,
+                                              "n_embd": 32, "n_head": 2, "vocab_size": 64,
+                                              "block_size": 32},
+                            "data": {"kind": "tokens", "vocab_size": 64, "seq_len": 32},
+                            "search": {"batch_size": {"min": 1, "max": 4096},
+                                       "input_size": [8, 16, 24, 32]}})
+    bases = [s.candidate(1) for s in settings_of(spec)]
+    limit = 2 * 2**20
+    serial = [predict_max_batch(spec, b, CPU, limit, exact=False).batch_size for b in bases]
+    runner.prestart()
+    server = runner.running_server()
+    assert server is not None
+    try:
+        deadline = time.monotonic() + 120
+        while not server.ready_now() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        order: list[int] = []
+        with using(TraceCache(tmp_path / "c")) as cache:
+            found = predict_many(spec, bases, CPU, limit, exact=False, server=server,
+                                 on_each=lambda i, _: order.append(i))
+        assert [p.batch_size for p in found] == serial
+        assert sorted(order) == list(range(len(bases)))
+        assert cache.hits > 0  # the helper's traces, read back
+        assert cache.hits + cache.new == sum(p.traces for p in found)
+    finally:
+        runner.shutdown()
+    # no server (or no cache): this process traces every setting itself
+    with using(TraceCache(tmp_path / "d")) as alone:
+        again = predict_many(spec, bases, CPU, limit, exact=False, server=None)
+    assert [p.batch_size for p in again] == serial and alone.hits == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autofit.candidate import Candidate
@@ -356,3 +357,140 @@ def _pin_boundary(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: 
     curve.residual = max(abs(curve.peak_at(b) - p) / max(p, 1) for b, p in near)
     curve.first_fit_error = residuals[0] if residuals else 0.0
     return best_fit, curve
+
+
+# ----------------------------------------------------------------- settings side by side
+def predict_many(spec: ExperimentSpec, bases: list[Candidate], model: DeviceModel,
+                 limit_bytes: int, *, exact: bool, server: Any = None,
+                 on_each: Any = None) -> list[MaxBatchEstimate]:
+    """``predict_max_batch`` of every setting (``bases``), in order.
+
+    With a trial fork server that has finished its imports (``server``, a
+    ``ForkServer``) and an active trace cache, a forked helper traces settings from the last
+    one down while this process traces from the first one up; each setting is claimed once
+    (an exclusive file), and the helper's settings are then answered here from the cache it
+    filled (the same traces, so the same answers; a setting it did not finish is traced here).
+    Only for specs without ``parallel`` and without probe calibrations (their traces are keyed
+    apart). ``on_each(index, estimate)`` is called as each answer is known.
+    """
+    results: list[MaxBatchEstimate | None] = [None] * len(bases)
+    helper = _Helper.start_for(spec, bases, model, limit_bytes, exact, server)
+    try:
+        for i, base in enumerate(bases):
+            if helper is not None:
+                helper.submit_when_ready()
+                if not helper.claim(i):
+                    break
+            results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact)
+            if on_each is not None:
+                on_each(i, results[i])
+        if helper is not None:
+            helper.wait()
+        for i, base in enumerate(bases):
+            if results[i] is None:  # the helper's: its traces are in the cache now
+                results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact)
+                if on_each is not None:
+                    on_each(i, results[i])
+    finally:
+        if helper is not None:
+            helper.close()
+    return [r for r in results if r is not None]
+
+
+class _Helper:
+    """A forked process (from the trial fork server) predicting settings from the end."""
+
+    def __init__(self, server: Any, folder: Path, request: dict[str, Any]) -> None:
+        self.server, self.folder, self.request = server, folder, request
+        self.pid: int | None = None
+
+    @classmethod
+    def start_for(cls, spec: ExperimentSpec, bases: list[Candidate], model: DeviceModel,
+                  limit_bytes: int, exact: bool, server: Any) -> _Helper | None:
+        from autofit.predict import cache as trace_cache
+        from autofit.predict import calibrate as calib
+
+        cache, store = trace_cache.active(), calib.active()
+        if (server is None or cache is None or len(bases) < 3
+                or spec.parallel.strategies != ("none",)
+                or (store is not None and store.calibrations)):
+            return None
+        import tempfile
+        from dataclasses import asdict
+
+        folder = Path(tempfile.mkdtemp(prefix="autofit-predict-"))
+        request = {"raw": spec.raw, "source": spec.source_path or "<spec>",
+                   "model": asdict(model), "limit_bytes": limit_bytes, "exact": exact,
+                   "bases": [b.to_dict() for b in bases], "cache": str(cache.directory),
+                   "claims": str(folder)}
+        return cls(server, folder, request)
+
+    def claim(self, index: int) -> bool:
+        return _claim(Path(self.request["claims"]), index)
+
+    def submit_when_ready(self) -> None:
+        if self.pid is not None or not self.server.alive() or not self.server.ready_now():
+            return
+        import json
+        import os
+        import sys
+
+        path = self.folder / "request.json"
+        path.write_text(json.dumps(self.request, default=str))
+        try:
+            self.pid = self.server.submit({
+                "kind": "predict", "request": str(path), "log": str(self.folder / "helper.log"),
+                "env": {k: v for k, v in os.environ.items() if k.startswith("AUTOFIT_")},
+                "sys_path": [p for p in sys.path if p and os.path.isdir(p)]})
+        except Exception:  # noqa: BLE001 - no helper: this process traces every setting
+            self.pid = -1
+
+    def wait(self) -> None:
+        if self.pid is None:  # never started: take back what it would have done
+            (self.folder / "stop").touch()
+            return
+        if self.pid > 0:
+            try:
+                self.server.wait(None)
+            except Exception:  # noqa: BLE001 - its unfinished settings are traced here
+                pass
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _claim(folder: Path, index: int) -> bool:
+    """Claim setting ``index`` for this process (False: the other one has it)."""
+    import os
+
+    if (folder / "stop").exists():
+        return False
+    try:
+        os.close(os.open(folder / f"claim-{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def predict_job(request_path: str) -> None:
+    """The helper's side of ``predict_many`` (run in a process forked by the fork server):
+    predict settings from the last one down, each stored in the trace cache, until it meets
+    a setting the parent claimed."""
+    import json
+
+    from autofit.predict.cache import TraceCache, using
+    from autofit.spec import spec_from_dict
+
+    request = json.loads(Path(request_path).read_text())
+    spec = spec_from_dict(request["raw"], request["source"])
+    model = DeviceModel(**request["model"])
+    folder = Path(request["claims"])
+    bases = [Candidate.from_dict(b) for b in request["bases"]]
+    with using(TraceCache(Path(request["cache"]))):
+        for i in reversed(range(len(bases))):
+            if not _claim(folder, i):
+                return
+            predict_max_batch(spec, bases[i], model, int(request["limit_bytes"]),
+                              exact=bool(request["exact"]))

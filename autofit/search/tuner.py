@@ -19,7 +19,7 @@ from autofit.choices import Objective
 from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupted
 from autofit.parallel import with_world_size
 from autofit.predict import calibrate as calib
-from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
+from autofit.predict.batch_curve import MaxBatchEstimate, predict_many, predict_max_batch
 from autofit.predict.distributed import predicted_only, sharding_note
 from autofit.search.events import EventHandler, emitter
 from autofit.search.plan import (
@@ -54,16 +54,21 @@ SEARCHES = {
 def predict_settings(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
                      say: Callable[[str], None]) -> dict[Setting, MaxBatchEstimate]:
     """The predicted largest batch of every setting (quick two-trace ranking past two)."""
+    from autofit.trials.runner import running_server
+
     exact = len(settings) <= 2
-    predictions: dict[Setting, MaxBatchEstimate] = {}
-    for setting in settings:
-        base = setting.candidate(spec.search.batch_size.min)
-        pred = predict_max_batch(spec, base, plan.device_model, plan.limit_bytes, exact=exact)
-        predictions[setting] = pred
+    bases = [setting.candidate(spec.search.batch_size.min) for setting in settings]
+
+    def report(i: int, pred: MaxBatchEstimate) -> None:
         say(f"predicted max batch {pred.batch_size:>6} at "
-            f"{base.with_batch(pred.batch_size).label()} "
+            f"{bases[i].with_batch(pred.batch_size).label()} "
             f"({pred.traces} traces, {pred.seconds:.1f} s)")
-    return predictions
+
+    # past two settings, a process forked from the trial fork server traces from the last
+    # setting down meanwhile (``predict_many``: needs the trace cache)
+    found = predict_many(spec, bases, plan.device_model, plan.limit_bytes, exact=exact,
+                         server=running_server(), on_each=report)
+    return dict(zip(settings, found, strict=True))
 
 
 def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: bool = False,

@@ -7,7 +7,9 @@ Each trial still runs in its own process (own allocator, own optimizer state, ow
 but skips the ~2 s torch import. Unlike ``multiprocessing``'s forkserver it never re-imports
 the caller's ``__main__``, so ``autofit.tune()`` works from any script or notebook.
 
-Protocol, one JSON object per line. In: ``{"request", "result", "env", "sys_path"}``.
+Protocol, one JSON object per line. In: ``{"request", "result", "env", "sys_path"}`` (a
+trial), or ``{"kind": "predict", "request", ...}`` (``batch_curve.predict_job``: settings'
+predictions traced beside the parent's).
 Out: ``{"pid": N}`` once forked, then ``{"pid": N, "exit": code}`` (negative = signal).
 """
 
@@ -60,6 +62,16 @@ class ForkServer:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def ready_now(self) -> bool:
+        """Whether the server has finished its imports, without waiting for it."""
+        if not self._ready:
+            try:
+                ready = self._read(0.0)
+            except TrialError:
+                return False
+            self._ready = bool(ready and ready.get("ready"))
+        return self._ready
 
     def _read(self, timeout_s: float | None) -> dict[str, Any] | None:
         """Next protocol line, or None on timeout; ``TrialError`` if the server died."""
@@ -135,9 +147,14 @@ def _serve() -> None:
                 os.dup2(log, 2)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-                from autofit.trials.child import child_main
+                if job.get("kind") == "predict":  # traces of other settings meanwhile
+                    from autofit.predict.batch_curve import predict_job
 
-                child_main(job["request"], job["result"])
+                    predict_job(job["request"])
+                else:
+                    from autofit.trials.child import child_main
+
+                    child_main(job["request"], job["result"])
                 code = 0
             finally:
                 os._exit(code)

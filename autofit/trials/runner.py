@@ -50,6 +50,11 @@ def prestart() -> None:
         _server()
 
 
+def running_server() -> ForkServer | None:
+    """The fork server if one was started and still runs (None: none, nothing started)."""
+    return _SERVER if _SERVER is not None and _SERVER.alive() else None
+
+
 def shutdown() -> None:
     """Stop the fork server (it also dies with this process)."""
     global _SERVER
