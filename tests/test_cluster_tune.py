@@ -96,6 +96,24 @@ def test_target_worker_measures_under_the_targets_memory(storage: str, one_threa
     assert "@cpu-small" in study_name(spec, "cpu-small")
 
 
+def test_target_still_measuring_says_so(tmp_path: Path, one_thread: None) -> None:
+    """A target whose study still has work keeps its predicted row, with a note saying so."""
+    from autofit.candidate import Setting
+    from autofit.choices import Precision
+    from autofit.search.workers import WorkQueue, open_worker_study, run_worker, study_name
+    from autofit.spec import spec_from_dict
+
+    spec = spec_from_dict(cpu_raw("target-pending"))
+    url = f"journal:{tmp_path / 'study.journal'}"
+    run_worker(spec, url, runner=landscape.Landscape(), poll_s=0.1)
+    study, _ = open_worker_study(spec, url, create=True, say=lambda m: None,
+                                 name=study_name(spec, "cpu-small"))
+    WorkQueue(study, "x").enqueue([Setting(0, Precision.FP32, 0)])
+    small = run_worker(spec, url, assemble_only=True).targets[0]
+    assert not small.get("measured")
+    assert "being measured on its own GPU type" in small["note"] and "1 setting(s) left" in small["note"]
+
+
 def test_unknown_target_is_one_line(tmp_path: Path) -> None:
     from autofit.errors import AutofitError
     from autofit.search.workers import run_worker
