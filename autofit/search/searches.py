@@ -31,6 +31,15 @@ PROPOSALS_PER_PICK = 6
 """Sampler proposals tried before a pick falls back to predicted order."""
 
 
+def _tie_key(record: TrialRecord) -> tuple[int, int, str]:
+    """An exact tie (same objective, same samples/s): fewer checkpoint segments (no
+    recomputation), then the lower peak (headroom), then the label. The winner must not hang
+    on the order settings were visited: a workers' study replays the search ranked on exact
+    predictions, the single process ranks on quick ones."""
+    r = record.result
+    return r.candidate.checkpoint_segments, r.peak_bytes or 0, r.candidate.label()
+
+
 @dataclass
 class Search:
     """The shared state of one search: predictions, per-setting summaries, the trial ledger."""
@@ -69,7 +78,10 @@ class Search:
         va, vb = objective_value(self.spec, a.result), objective_value(self.spec, b.result)
         if va != vb:
             return vb > va
-        return (b.result.samples_per_s or 0) > (a.result.samples_per_s or 0)
+        sa, sb = a.result.samples_per_s or 0, b.result.samples_per_s or 0
+        if sa != sb:
+            return sb > sa
+        return _tie_key(b) < _tie_key(a)
 
     def order(self, ranked: list[Setting], first: int = 1) -> Iterator[tuple[Setting, Any]]:
         """Settings to measure, with the optuna trial that proposed each (None: predicted).

@@ -727,6 +727,13 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
         name = study_name(spec, measuring.name)
         spec = target_spec(spec, measuring, device)
     plan = plan_limits(spec, device)
+    from autofit.trials.ranks import spec_shortfall
+
+    if (short := spec_shortfall(spec, plan.device)) is not None:  # fewer GPUs than ranks
+        from autofit.parallel import with_world_size
+
+        spec = with_world_size(spec, short.verified_world_size)  # raw (and hash) unchanged
+        plan.notes.append(short.note())
     study, created = open_worker_study(spec, storage, create=not assemble_only,
                                        say=lambda m: emit(Note(m)), name=name)
     ledger = WorkerLedger(spec, plan.limit_bytes, plan.device, study, runner, emit, 0)
