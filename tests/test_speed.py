@@ -306,6 +306,27 @@ def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Pat
         assert sorted(order) == list(range(len(bases)))
         assert cache.hits > 0  # the helper's traces, read back
         assert cache.hits + cache.new == sum(p.traces for p in found)
+        # an error here mid-way: the helper is stopped and its exit line read, so the next
+        # trial through the same server gets its own reply
+        import autofit.predict.batch_curve as bc
+
+        real = bc.predict_max_batch
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected")
+            return real(*args, **kwargs)
+
+        bc.predict_max_batch = failing
+        try:
+            with using(TraceCache(tmp_path / "e")), pytest.raises(RuntimeError, match="injected"):
+                predict_many(spec, bases, CPU, limit, exact=False, server=server)
+        finally:
+            bc.predict_max_batch = real
+        trial = runner.run_trial(spec, bases[0], limit_bytes=limit)
+        assert trial.status.value == "fits", trial.message
     finally:
         runner.shutdown()
     # no server (or no cache): this process traces every setting itself

@@ -446,18 +446,20 @@ class _Helper:
             self.pid = -1
 
     def wait(self) -> None:
-        if self.pid is None:  # never started: take back what it would have done
-            (self.folder / "stop").touch()
-            return
-        if self.pid > 0:
+        (self.folder / "stop").touch()  # it claims nothing more (never started: nothing)
+        if self.pid is not None and self.pid > 0:
+            self.pid = -1  # waited once
             try:
-                self.server.wait(None)
+                self.server.wait(None)  # its exit line: the server is free for trials again
             except Exception:  # noqa: BLE001 - its unfinished settings are traced here
                 pass
 
     def close(self) -> None:
+        """After an error here too: stop the helper and read its exit line before the
+        folder goes (a trial's submit must not read it as its own reply)."""
         import shutil
 
+        self.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
