@@ -153,7 +153,9 @@ def plot_timeline(profile: Any, path: str | Path, limit_bytes: int | None = None
 
 
 def _setting_key(config: dict[str, Any]) -> str:
-    return f"{config.get('input_size')}/{config.get('precision')}/{config.get('checkpoint_segments')}"
+    strategy = f"/{config['strategy']}" if config.get("strategy") else ""  # a strategy list
+    return (f"{config.get('input_size')}/{config.get('precision')}/"
+            f"{config.get('checkpoint_segments')}{strategy}")
 
 
 @dataclass

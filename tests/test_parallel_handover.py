@@ -193,3 +193,25 @@ def test_overlays_ddp(tmp_path: Path) -> None:
     assert hf["ddp_find_unused_parameters"] is False and "fsdp" not in hf
     assert ds["zero_optimization"] == {"stage": 0}
     assert "ZeRO stage 0" in ds["_autofit"]["zero_note"]
+
+
+def test_plot_finds_the_winners_curve_in_a_strategy_list():
+    """results.json of a strategy list keys its curves by setting and strategy: the plot
+    draws the winner's (fsdp), with that setting's trials only."""
+    from autofit.plot import BatchCurvePlot
+
+    line = {"intercept_bytes": 100.0, "slope_bytes_per_sample": 10.0, "points": [[1, 110]]}
+    other = {"intercept_bytes": 200.0, "slope_bytes_per_sample": 20.0, "points": [[1, 220]]}
+    config = {"batch_size": 4, "input_size": 32, "precision": "fp32", "checkpoint_segments": 0}
+    results = {
+        "name": "list", "curves": {"32/fp32/0/none": other, "32/fp32/0/fsdp": line},
+        "best": {**config, "strategy": "fsdp", "peak_bytes": 140},
+        "trials": [{"config": {**config, "strategy": s}, "status": "fits"}
+                   for s in ("none", "fsdp")],
+    }
+    plot = BatchCurvePlot.from_results(results)
+    assert plot.setting_key == "32/fp32/0/fsdp" and plot.intercept_bytes == 100.0
+    assert [t["config"]["strategy"] for t in plot.trials] == ["fsdp"]
+    single = {**results, "curves": {"32/fp32/0": line}, "best": {**config, "peak_bytes": 140},
+              "trials": [{"config": config, "status": "fits"}]}
+    assert BatchCurvePlot.from_results(single).setting_key == "32/fp32/0"
