@@ -269,6 +269,73 @@ def test_verification_length_follows_the_backend():
     assert verification_steps(spec, best(LimitKind.RLIMIT))[0] == 10
 
 
+def test_cpu_budget_search_trial_is_the_verification():
+    """Under the CPU budget a fitting search trial at the winner that ran as many steps past
+    step 2 as the verification would is reused (no trial run, a note says why); not when it
+    ran fewer, did not fit, lacked optimizer state, on CUDA, rlimit or for max_throughput."""
+    import dataclasses
+
+    from autofit.candidate import Candidate
+    from autofit.choices import LimitKind, Purpose
+    from autofit.search.results import TrialRecord
+    from autofit.search.searches import Search, verify_best
+    from autofit.spec import spec_from_dict
+    from autofit.trials.result import TrialResult
+
+    raw = {"model": {"_target_": "autofit.zoo.mlp"},
+           "data": {"kind": "tensor", "shape": [8], "num_classes": 2},
+           "search": {"verify_steps": 10}}
+    spec = spec_from_dict(raw)
+    ran: list[tuple[int, int]] = []
+
+    class Ledger:  # a verification that runs records itself here
+        max_trials = 0
+
+        def run(self, candidate, purpose, predicted_peak, steps=None, asked=None):
+            ran.append((candidate.batch_size, steps))
+            return TrialRecord(number=9, purpose=purpose, predicted_peak_bytes=predicted_peak,
+                               steps=steps, result=TrialResult(candidate=candidate, status="fits",
+                                                               steps_run=2 + steps))
+
+    def search(s=spec) -> Search:
+        return Search(s, None, {}, {}, Ledger(), lambda event: None, "binary")  # type: ignore[arg-type]
+
+    def trial(kind: LimitKind, steps_run: int = 3, status: str = "fits",
+              warning: str = "") -> TrialRecord:
+        result = TrialResult(candidate=Candidate(batch_size=4, input_size=0), status=status,
+                             limit_kind=kind, steps_run=steps_run, warning=warning)
+        return TrialRecord(number=3, purpose=Purpose.REFINE, result=result,
+                           predicted_peak_bytes=1, steps=1)
+
+    s = search()
+    best = trial(LimitKind.CPU_BUDGET)
+    got = verify_best(s, best)
+    assert ran == [] and got is not None and got.reused and got.purpose == Purpose.VERIFY
+    assert got.result is best.result and got.number == 3 and not best.reused
+    assert any("peak repeats from step 2" in n and "batch 4" in n and "1 step past step 2" in n
+               and "reused as the verification" in n for n in s.notes)
+    # too few steps past step 2, no optimizer state, another limit kind or objective: it runs
+    cases = [trial(LimitKind.CPU_BUDGET, steps_run=2),
+             trial(LimitKind.CPU_BUDGET, warning="optimizer state never appeared (every fp16 "
+                                                 "step overflowed)"),
+             trial(LimitKind.CUDA_FRACTION, steps_run=20), trial(LimitKind.CUDA_DEVICE),
+             trial(LimitKind.RLIMIT)]
+    for case in cases:
+        ran.clear()
+        got = verify_best(search(), case)
+        assert ran and got is not None and not got.reused and got.number == 9
+    throughput = spec_from_dict({**raw, "search": {"verify_steps": 10,
+                                                   "objective": "max_throughput"}})
+    ran.clear()
+    assert not verify_best(search(throughput), trial(LimitKind.CPU_BUDGET, 20)).reused
+    assert ran == [(4, 10)]
+    # a verification longer than the search trial's (verify_steps under the CPU cap) runs
+    short = dataclasses.replace(spec, search=dataclasses.replace(spec.search, warmup_steps=3))
+    ran.clear()
+    assert not verify_best(search(short), trial(LimitKind.CPU_BUDGET, steps_run=3)).reused
+    assert ran == [(4, 1)]
+
+
 def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Path):
     """A process forked from the trial fork server traces settings from the last one down
     while this one traces from the first up; the answers are the serial ones, and the

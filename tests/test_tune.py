@@ -8,6 +8,7 @@ import pytest
 from landscape import Landscape, make_spec
 
 from autofit.candidate import Candidate
+from autofit.choices import LimitKind
 from autofit.errors import SearchError, TrialError, TuneFailed, TuneInterrupted
 from autofit.memory import MemoryBreakdown
 from autofit.search.pinner import BatchPinner
@@ -20,7 +21,19 @@ MiB = 2**20
 
 # The Landscape runner reports the CPU budget, under which the verification runs
 # CPU_BUDGET_VERIFY_STEPS timed steps (``verification_steps``); the spec's verify_steps is 3.
+# A search trial at the winner runs 2 warm-up + 1 timed step, as many past step 2 as that
+# verification would: it is reused as the verification (``reusable_verification``).
 VERIFY = CPU_BUDGET_VERIFY_STEPS
+
+
+class CudaLandscape(Landscape):
+    """The same landscape reported as a CUDA-capped run: the verification runs for real."""
+
+    def __call__(self, spec, candidate, *, limit_bytes, steps, device):
+        result = super().__call__(spec, candidate, limit_bytes=limit_bytes, steps=steps,
+                                  device=device)
+        result.limit_kind = LimitKind.CUDA_FRACTION
+        return result
 
 
 def true_max(spec, landscape: Landscape, limit: int, setting=(0, "fp32", 0)) -> int:
@@ -43,11 +56,24 @@ def test_exact_prediction_pins_in_two_trials_plus_verify():
     land = Landscape()
     result = tune(spec, runner=land)
     b = result.best.result.candidate.batch_size
-    # the first trial is the predicted max, the second the step above, then verification
-    assert land.calls == [(b, 0, "fp32", 0, 1), (b + 1, 0, "fp32", 0, 1), (b, 0, "fp32", 0, VERIFY)]
+    # the first trial is the predicted max, the second the step above; under the CPU budget
+    # the first one is the verification (it ran step 2 and one more)
+    assert land.calls == [(b, 0, "fp32", 0, 1), (b + 1, 0, "fp32", 0, 1)]
     assert b == true_max(spec, land, result.limit_bytes)
-    assert result.best.purpose == "verify"
-    assert [t.result.status for t in result.trials] == [TrialStatus.FITS, TrialStatus.OOM, TrialStatus.FITS]
+    assert result.best.purpose == "verify" and result.best.reused
+    assert result.best.number == result.trials[0].number
+    assert [t.result.status for t in result.trials] == [TrialStatus.FITS, TrialStatus.OOM]
+    assert result.search_trials == result.real_trials == 2
+    assert result.to_dict()["best"]["verified"] is True
+    assert result.to_dict()["best"]["verification"] == "search trial reused"
+    assert any("reused as the verification" in note for note in result.notes)
+    # reported as a CUDA-capped run, the same landscape gets its own verification trial
+    cuda = CudaLandscape()
+    result = tune(spec, runner=cuda)
+    assert cuda.calls == land.calls + [(b, 0, "fp32", 0, spec.search.verify_steps)]
+    assert result.best.purpose == "verify" and not result.best.reused
+    assert result.to_dict()["best"]["verification"] == "own trial"
+    assert not any("reused as the verification" in note for note in result.notes)
 
 
 @pytest.mark.parametrize("factor", [1.06, 0.93])
@@ -61,8 +87,9 @@ def test_mispredicted_landscape_still_finds_true_max(factor):
     ran = {(c[0], c[4]) for c in land.calls}
     assert (found, 1) in ran and (found + 1, 1) in ran
     assert len(land.calls) <= 8
-    # never returns a batch that was not run
-    assert (found, VERIFY) in ran
+    # never returns a batch that was not run: its verification is that very trial
+    assert result.best.reused and result.best.result.candidate.batch_size == found
+    assert result.best.number in {t.number for t in result.trials if t.purpose != "verify"}
 
 
 def test_spec_max_caps_the_search():
@@ -70,7 +97,7 @@ def test_spec_max_caps_the_search():
     land = Landscape()
     result = tune(spec, runner=land)
     assert result.best.result.candidate.batch_size == 5
-    assert land.calls == [(5, 0, "fp32", 0, 1), (5, 0, "fp32", 0, VERIFY)]
+    assert land.calls == [(5, 0, "fp32", 0, 1)]  # verified by that trial (CPU budget)
 
 
 def test_multiple_of_respected():
@@ -125,10 +152,10 @@ def test_user_error_stops_search_with_real_message():
 def test_verification_failure_steps_down():
     spec = make_spec()
 
-    class FlakyAtLong(Landscape):
+    class FlakyAtLong(CudaLandscape):  # on CUDA the verification runs (verify_steps)
         def __call__(self, spec, candidate, *, limit_bytes, steps, device):
             result = super().__call__(spec, candidate, limit_bytes=limit_bytes, steps=steps, device=device)
-            if steps == VERIFY and not getattr(self, "failed", False):
+            if steps == spec.search.verify_steps and not getattr(self, "failed", False):
                 self.failed = True
                 return TrialResult(candidate=candidate, status=TrialStatus.OOM, message="late oom",
                                    limit_bytes=limit_bytes)
@@ -204,7 +231,8 @@ def test_resume_repeats_no_trial(tmp_path: Path):
     result = tune(spec, out_dir=tmp_path, resume=True, runner=second)
     assert first.calls[0] not in second.calls
     assert [r.resumed for r in result.trials][0] is True
-    assert len(second.calls) == 2  # the step above and the verification only
+    assert len(second.calls) == 1  # the step above only: the resumed trial verifies
+    assert result.best.reused and result.best.resumed
     assert (tmp_path / "study.journal").exists()
 
 

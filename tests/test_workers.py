@@ -417,6 +417,10 @@ def test_tune_workers_on_this_host(tmp_path: Path) -> None:
     assert duplicates(study) == 0
     fits = [t["config"]["batch_size"] for t in results["trials"] if t["status"] == "fits"]
     assert best["batch_size"] == max(fits) and best["verified"]
+    # the CPU budget: the finish replay reused the search trial at the winner, ran no other
+    assert best["verification"] == "search trial reused"
+    assert not [t for t in results["trials"] if t["purpose"] == "verify"]
+    assert any(t["number"] == best["trial"] and t["status"] == "fits" for t in results["trials"])
     # worker w1 ran as its own process and stopped cleanly (w0, this process, may have
     # measured every setting before w1 had started: the trials here take 0.1 s)
     assert "[w1] " in done.stdout and "[w1] exited" not in done.stdout

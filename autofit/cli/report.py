@@ -173,8 +173,12 @@ def print_tune(console: Console, result: TuneResult) -> None:
     if result.best is not None:
         best = result.best.result
         verified = "verified" if result.best.purpose == Purpose.VERIFY else "not verified"
-        console.print(f"[bold green]best[/bold green] {best.candidate.label()} ({verified} over "
-                      f"{result.best.steps} steps): peak {format_bytes(best.peak_bytes or 0)}, "
+        if result.best.reused:
+            verified += f" by search trial {result.best.number}, {best.steps_run} steps run"
+        else:
+            verified += f" over {result.best.steps} steps"
+        console.print(f"[bold green]best[/bold green] {best.candidate.label()} ({verified}): "
+                      f"peak {format_bytes(best.peak_bytes or 0)}, "
                       f"{best.samples_per_s or 0:,.1f} samples/s")
         console.print(f"step proven: {result.step_kind.describe()}")
         if best.memory is not None:
@@ -183,8 +187,10 @@ def print_tune(console: Console, result: TuneResult) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
     resumed = sum(1 for t in result.trials if t.resumed)
     console.print((f"{resumed} trials resumed from the study, " if resumed else "")
-                  + f"{result.real_trials} real trials run now ({result.search_trials} to search, the rest to verify), "
-                  f"{result.real_steps} training steps ({result.search_steps} to search), "
+                  + f"{result.real_trials} real trials run now ({result.search_trials} to search, "
+                  + ("the verification reused the one at the winner), "
+                     if result.best is not None and result.best.reused else "the rest to verify), ")
+                  + f"{result.real_steps} training steps ({result.search_steps} to search), "
                   f"prediction {result.predict_s:.1f} s, total {result.wall_time_s:.1f} s; "
                   f"budget {format_bytes(result.budget_bytes)}, margin {result.spec.memory.margin:.0%}, "
                   f"limit {format_bytes(result.limit_bytes)}")

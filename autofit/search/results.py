@@ -28,6 +28,9 @@ class TrialRecord:
     predicted_peak_bytes: int | None
     steps: int
     resumed: bool = False
+    reused: bool = False
+    """A VERIFY record that is a search trial reused as the verification (CPU budget, see
+    ``searches.reusable_verification``): no trial of its own was run."""
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result
@@ -182,6 +185,8 @@ class TuneResult:
                 "units_per_s": r.units_per_s,
                 "units_name": r.units_name,
                 "verified": self.best.purpose == Purpose.VERIFY and r.fits,
+                "verification": ("search trial reused" if self.best.reused else "own trial")
+                if self.best.purpose == Purpose.VERIFY else "none",
                 "trial": self.best.number,
                 "step_kind": r.step_kind or self.step_kind.value,
             }

@@ -13,6 +13,7 @@ settings still in play, learning from every recorded trial (OOM constraints incl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,27 +296,27 @@ def search_throughput(search: Search, settings: list[Setting]) -> TrialRecord | 
     return best
 
 
-CPU_BUDGET_VERIFY_STEPS = 2
-"""Timed verification steps under the CPU budget, after the warm-up: one more than a search
-trial's, so the verification is a longer run than the trial it confirms, not a copy of it."""
+CPU_BUDGET_VERIFY_STEPS = 1
+"""Timed verification steps under the CPU budget, after the warm-up (>= 2 steps): step 2
+shows the steady peak (optimizer state allocated) and the timed step after it repeats it."""
 
 
 def verification_steps(spec: ExperimentSpec, best: TrialRecord) -> tuple[int, str]:
     """How many timed steps the verification runs, and why (for the report).
 
     Under the CPU budget the tracker counts live tensor bytes of a deterministic step: from
-    step 2 on (optimizer state allocated) every step repeats the same peak, so two timed steps
-    after the warm-up prove as much as ``verify_steps``. On CUDA the caching allocator's
+    step 2 on (optimizer state allocated) every step repeats the same peak, so one timed step
+    after the warm-up proves as much as ``verify_steps``. On CUDA the caching allocator's
     reserve and fragmentation can creep over steps, so ``verify_steps`` run in full; so they
     do for max_throughput, whose answer is the verification's timing.
     """
     steps = spec.search.verify_steps
-    kind = LimitKind(best.result.limit_kind)
+    kind = LimitKind(best.result.limit_kind or "none")
     if spec.search.objective == Objective.MAX_THROUGHPUT:
         return steps, ""
     if kind == LimitKind.CPU_BUDGET and steps > CPU_BUDGET_VERIFY_STEPS:
         return CPU_BUDGET_VERIFY_STEPS, (
-            f"verification: {CPU_BUDGET_VERIFY_STEPS} timed steps after the warm-up instead of "
+            f"verification: {CPU_BUDGET_VERIFY_STEPS} timed step after the warm-up instead of "
             f"verify_steps={steps}: the CPU budget counts live bytes of a deterministic step, "
             "so every step after step 2 repeats its peak")
     if kind in (LimitKind.CUDA_FRACTION, LimitKind.CUDA_DEVICE):
@@ -324,11 +325,40 @@ def verification_steps(spec: ExperimentSpec, best: TrialRecord) -> tuple[int, st
     return steps, ""
 
 
+def reusable_verification(spec: ExperimentSpec, best: TrialRecord, steps: int) -> str:
+    """Why the search trial ``best`` already is the verification ("" when it is not).
+
+    Only under the CPU budget (deterministic from step 2 on), never for max_throughput (its
+    answer is the verification's timing) nor on CUDA (peaks can creep): the trial must have
+    fit and run at least as many steps past step 2 as the verification would (its warm-up
+    plus ``steps``), with the optimizer state in place."""
+    r = best.result
+    if spec.search.objective == Objective.MAX_THROUGHPUT or not r.fits \
+            or LimitKind(r.limit_kind or "none") != LimitKind.CPU_BUDGET \
+            or "optimizer state never appeared" in (r.warning or ""):
+        return ""
+    past_step_2 = r.steps_run - 2
+    if past_step_2 < max(1, spec.search.warmup_steps + steps - 2):
+        return ""
+    return (f"verification: the CPU budget's peak repeats from step 2; the search trial at "
+            f"batch {r.candidate.batch_size} ({r.candidate.label()}, trial {best.number}) ran "
+            f"{past_step_2} step{'s' if past_step_2 != 1 else ''} past step 2: reused as the "
+            f"verification, no trial run")
+
+
 def verify_best(search: Search, best: TrialRecord) -> TrialRecord | None:
-    """Re-run the winner (``verification_steps``); step down while it fails."""
+    """Re-run the winner (``verification_steps``); step down while it fails.
+
+    Under the CPU budget a search trial at the winner that already ran as many steps past
+    step 2 as the verification would is the verification (``reusable_verification``): the
+    winner comes back as a VERIFY record of that very trial (``reused``), not run again."""
     spec, ledger = search.spec, search.ledger
     candidate = best.result.candidate
     steps, why = verification_steps(spec, best)
+    reuse = reusable_verification(spec, best, steps)
+    if reuse:
+        search.say(reuse, note=True)
+        return dataclasses.replace(best, purpose=Purpose.VERIFY, reused=True)
     if why:
         search.say(why, note=True)
     saved_max, ledger.max_trials = ledger.max_trials, 0  # verification always runs
