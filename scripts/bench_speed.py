@@ -5,6 +5,7 @@ Usage::
     python scripts/bench_speed.py             # start-up, estimate per shipped CPU config, quickstart tune
     python scripts/bench_speed.py --no-tune   # start-up and estimates only
     python scripts/bench_speed.py --no-anchors --no-three-axis   # skip the long parts (~10 min)
+    python scripts/bench_speed.py --no-estimate --no-cli-tune   # the anchors and 3-axis tables only
 
 Every figure is the wall time of a fresh process, as a user sees it:
 
@@ -22,13 +23,17 @@ Every figure is the wall time of a fresh process, as a user sees it:
 * ``tune`` against the anchors on every ``scripts/bench_anchors.py`` case, with its runners
   (``run_autofit`` in this process, the anchors each in a fresh worker process, as there):
   autofit with no trace cache (cold) and with a warm one, Lightning binsearch and power,
-  accelerate. Every wall time excludes Python start-up and imports (the anchors' workers time
+  accelerate; and autofit cold once more with the CPU budget's verification run as its own
+  trial (``searches.reusable_verification`` switched off in the process: what tune did before
+  it reused the search trial at the winner). Then, per case, where a cold run's real trials
+  spent their time: fork and result return (trial wall less the child's own time), model build,
+  warm-up steps, timed steps, the rest of the child (spec, tracker, measurement). Every wall time excludes Python start-up and imports (the anchors' workers time
   the search only; autofit's fork server is started and ``torch._dynamo`` imported before the
   clock). Answer quality: autofit's batch ran and fits and the next batch ran and does not
   (the boundary, i.e. the true max for a memory that grows with batch);
 * the 3-axis search of ``scripts/bench_tune.py`` (gpt_tiny, 3 sizes x 3 precisions x 3 segment
-  counts): *before* = per-stretch lines off and no cache (as the estimate's before), *cold* =
-  today with an empty cache, *warm* = again with that cache.
+  counts): *before* = per-stretch lines off, no cache and the verification run as its own trial
+  (as the estimate's before), *cold* = today with an empty cache, *warm* = again with that cache.
 
 The runs alternate per config so that load on a shared machine hits both sides alike;
 ratios are after / before. The load average is printed with every table.
@@ -112,6 +117,10 @@ def cold_phases(config: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--no-estimate", action="store_true",
+                        help="skip the start-up and estimate tables")
+    parser.add_argument("--no-cli-tune", action="store_true",
+                        help="skip the CLI tune of quickstart_cpu")
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip tune vs Lightning/accelerate on the bench_anchors cases")
     parser.add_argument("--no-three-axis", action="store_true", help="skip the 3-axis search")
@@ -120,10 +129,22 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# bench_speed: {platform.machine()} {platform.processor() or ''}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load {load()}")
+    if not args.no_estimate:
+        startup_and_estimates(args.repeat)
+    if args.no_tune:
+        return
+    if not args.no_cli_tune:
+        cli_tune()
+    if not args.no_anchors:
+        tune_vs_anchors(args.cases)
+    if not args.no_three_axis:
+        three_axis_before_after()
 
-    now = sorted(wall(autofit("--help"))[0] for _ in range(args.repeat))
-    old = sorted(wall(patched(WITH_TORCH, "--help"))[0] for _ in range(args.repeat))
-    mid = args.repeat // 2
+
+def startup_and_estimates(repeat: int) -> None:
+    now = sorted(wall(autofit("--help"))[0] for _ in range(repeat))
+    old = sorted(wall(patched(WITH_TORCH, "--help"))[0] for _ in range(repeat))
+    mid = repeat // 2
     print("\n| start-up | with torch (before) s | now s | ratio |\n|---|---|---|---|")
     print(f"| autofit --help | {old[mid]:.2f} | {now[mid]:.2f} | {now[mid] / old[mid]:.2f} |")
 
@@ -151,8 +172,9 @@ def main() -> None:
         print(f"| {name} | {p['total']:.2f} | {p['autofit']:.2f} | {p['torch']:.2f} "
               f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {rest:.2f} |")
 
-    if args.no_tune:
-        return
+
+
+def cli_tune() -> None:
     print("\n| autofit tune | before s | cold s | warm s | cold/before | warm/before |"
           "\n|---|---|---|---|---|---|")
     config = "configs/quickstart_cpu.yaml"
@@ -165,10 +187,61 @@ def main() -> None:
           f"| {warm / before:.2f} |")
     hits = [line for line in out_w.splitlines() if "trace cache:" in line]
     print(f"\nwarm tune: {hits[-1].strip() if hits else 'no cache line'}; load {load()}")
-    if not args.no_anchors:
-        tune_vs_anchors(args.cases)
-    if not args.no_three_axis:
-        three_axis_before_after()
+
+
+def own_verification():  # type: ignore[no-untyped-def]
+    """A context: the CPU budget's verification runs as its own trial (no reuse)."""
+    import contextlib
+
+    import autofit.search.searches as searches
+
+    @contextlib.contextmanager
+    def off():  # type: ignore[no-untyped-def]
+        reuse = searches.reusable_verification
+        searches.reusable_verification = lambda *a, **k: ""
+        try:
+            yield
+        finally:
+            searches.reusable_verification = reuse
+
+    return off()
+
+
+def timed_trials(into: list[dict]):  # type: ignore[no-untyped-def]
+    """A context: every real trial's time split is appended to ``into`` (``trial_split``)."""
+    import contextlib
+
+    import autofit.trials as trials
+
+    @contextlib.contextmanager
+    def on():  # type: ignore[no-untyped-def]
+        run = trials.run_trial
+
+        def timed(*a, **k):  # type: ignore[no-untyped-def]
+            result = run(*a, **k)
+            into.append(trial_split(result, a[0] if a else k["spec"], k.get("steps")))
+            return result
+
+        trials.run_trial = timed
+        try:
+            yield
+        finally:
+            trials.run_trial = run
+
+    return on()
+
+
+def trial_split(result, spec, steps) -> dict:  # type: ignore[no-untyped-def]
+    """One trial's wall time: fork + return, build, warm-up, timed steps, rest of the child."""
+    wall_s, child = result.wall_time_s, result.extra.get("child_s", 0.0)
+    build = result.extra.get("build_s", 0.0)
+    stepping = wall_s - result.overhead_s if result.fits else 0.0
+    timed = (spec.search.steps_per_trial if steps is None else steps) if result.fits else 0
+    timed_s = (result.step_time_s or 0.0) * timed  # the median step x timed steps
+    return {"wall": wall_s, "fork": wall_s - child if child else 0.0, "build": build,
+            "warmup": max(0.0, stepping - timed_s), "timed": timed_s,
+            "rest": max(0.0, child - build - stepping) if child else 0.0,
+            "fits": result.fits, "steps_run": result.steps_run}
 
 
 def _prepare_in_process() -> None:
@@ -202,15 +275,23 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
 
     names = cases or [*A.case_names(), A.LIGHTNING_CASE]
     print(f"\n## tune vs the anchors (bench_anchors cases), load {load()}\n")
-    print("| case | autofit cold s | autofit warm s | Lightning binsearch s | Lightning power s "
-          "| accelerate s | cold / binsearch | warm / binsearch | batch: autofit / binsearch "
-          "/ power / accelerate | autofit pinned (b fits, b+1 OOM) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | autofit cold s | autofit warm s | autofit cold, own verification trial s "
+          "| Lightning binsearch s | Lightning power s "
+          "| accelerate s | cold / binsearch | warm / binsearch | own verification / binsearch "
+          "| batch: autofit / binsearch / power / accelerate | autofit pinned (b fits, b+1 OOM) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    splits: dict[str, list[dict]] = {}
     for name in names:
         spec = A.case_spec(name)
+        split: list[dict] = []
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
-            cold = A.run_autofit(spec)  # an empty cache: every trace runs
+            with timed_trials(split):
+                cold = A.run_autofit(spec)  # an empty cache: every trace runs
             warm = A.run_autofit(spec)
+        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
+                own_verification():
+            verify_own = A.run_autofit(spec)  # as cold, the verification its own trial
+        splits[name] = split
         anchors = {kind: A.run_anchor(kind, name) for kind in
                    ("lightning-binsearch", "lightning-power", "accelerate")
                    if name != A.LIGHTNING_CASE or kind != "accelerate"}
@@ -224,14 +305,30 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
         batches = " / ".join(str(r.get("returned")) if r else "-" for r in
                              (cold, anchors["lightning-binsearch"], anchors["lightning-power"],
                               anchors.get("accelerate")))
-        print(f"| {name} | {cell(cold)} | {cell(warm)} | {cell(anchors['lightning-binsearch'])} "
+        print(f"| {name} | {cell(cold)} | {cell(warm)} | {cell(verify_own)} "
+              f"| {cell(anchors['lightning-binsearch'])} "
               f"| {cell(anchors['lightning-power'])} | {cell(anchors.get('accelerate'))} "
               f"| {cold['wall_s'] / binsearch:.2f} | {warm['wall_s'] / binsearch:.2f} "
+              f"| {verify_own['wall_s'] / binsearch:.2f} "
               f"| {batches} | {_boundary(cold)} |", flush=True)
         print(f"<!-- {name}: autofit predict {cold.get('predict_s', 0):.1f} s of "
-              f"{cold['wall_s']:.1f} s cold, {warm.get('predict_s', 0):.1f} s of "
-              f"{warm['wall_s']:.1f} s warm; {len(cold['trials'])} trials; load {load()} -->",
-              flush=True)
+              f"{cold['wall_s']:.1f} s cold ({len(cold['trials'])} trials), "
+              f"{warm.get('predict_s', 0):.1f} s of {warm['wall_s']:.1f} s warm; own "
+              f"verification: {len(verify_own['trials'])} trials, returned "
+              f"{verify_own.get('returned')}; load {load()} -->", flush=True)
+    print("\n| cold autofit, where its real trials' time goes (s, summed over trials) | trials "
+          "| trial wall | fork + return | model build | warm-up steps | timed steps | rest of "
+          "the child |\n|---|---|---|---|---|---|---|---|")
+    for name, split in splits.items():
+        total = {k: sum(t[k] for t in split) for k in
+                 ("wall", "fork", "build", "warmup", "timed", "rest")}
+        print(f"| {name} | {len(split)} | {total['wall']:.2f} | {total['fork']:.2f} "
+              f"| {total['build']:.2f} | {total['warmup']:.2f} | {total['timed']:.2f} "
+              f"| {total['rest']:.2f} |")
+    print(f"\nload {load()}")
+
+
+BEFORE_3AXIS = "before (lines off, no cache, own verification trial)"
 
 
 def three_axis_before_after() -> None:
@@ -251,7 +348,8 @@ def three_axis_before_after() -> None:
     pin = bc._pin_by_segments
     bc._pin_by_segments = lambda *a, **k: None
     try:
-        rows["before (lines off, no cache)"] = T.three_axis(quiet)
+        with own_verification():
+            rows[BEFORE_3AXIS] = T.three_axis(quiet)
     finally:
         bc._pin_by_segments = pin
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
@@ -259,7 +357,7 @@ def three_axis_before_after() -> None:
         rows["warm (same cache)"] = T.three_axis(quiet)
     for label, row in rows.items():  # [name, budget, combos, pin, trials, steps, measured, best, predict s, wall s]
         print(f"| {label} | {row[9]} | {row[8]} | {row[4]} | {row[7]} |")
-    before = float(rows["before (lines off, no cache)"][9])
+    before = float(rows[BEFORE_3AXIS][9])
     print(f"\ncold / before {float(rows['cold (empty cache)'][9]) / before:.2f}, warm / before "
           f"{float(rows['warm (same cache)'][9]) / before:.2f}; load {load()}")
 
