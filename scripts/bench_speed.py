@@ -27,9 +27,11 @@ Every figure is the wall time of a fresh process, as a user sees it:
   trial (``searches.reusable_verification`` switched off in the process: what tune did before
   it reused the search trial at the winner). Then, per case, where a cold run's real trials
   spent their time: fork and result return (trial wall less the child's own time), model build,
-  warm-up steps, timed steps, the rest of the child (spec, tracker, measurement). Every wall time excludes Python start-up and imports (the anchors' workers time
-  the search only; autofit's fork server is started and ``torch._dynamo`` imported before the
-  clock). Answer quality: autofit's batch ran and fits and the next batch ran and does not
+  warm-up steps, timed steps, the rest of the child (spec, tracker, measurement). Every wall
+  time excludes Python start-up and imports (the anchors' workers time the search only;
+  autofit's fork server is started and ready, its torch import done, and ``torch._dynamo``
+  imported before the clock; one discarded autofit run absorbs the process's one-time costs,
+  and the own-verification run alternates before/after the cold one by case). Answer quality: autofit's batch ran and fits and the next batch ran and does not
   (the boundary, i.e. the true max for a memory that grows with batch);
 * the 3-axis search of ``scripts/bench_tune.py`` (gpt_tiny, 3 sizes x 3 precisions x 3 segment
   counts): *before* = per-stretch lines off, no cache and the verification run as its own trial
@@ -238,10 +240,12 @@ def trial_split(result, spec, steps) -> dict:  # type: ignore[no-untyped-def]
     stepping = wall_s - result.overhead_s if result.fits else 0.0
     timed = (spec.search.steps_per_trial if steps is None else steps) if result.fits else 0
     timed_s = (result.step_time_s or 0.0) * timed  # the median step x timed steps
+    fits = result.fits
     return {"wall": wall_s, "fork": wall_s - child if child else 0.0, "build": build,
             "warmup": max(0.0, stepping - timed_s), "timed": timed_s,
-            "rest": max(0.0, child - build - stepping) if child else 0.0,
-            "fits": result.fits, "steps_run": result.steps_run}
+            "rest": max(0.0, child - build - stepping) if child and fits else 0.0,
+            "oom": max(0.0, child - build) if child and not fits else 0.0,
+            "fits": fits, "steps_run": result.steps_run}
 
 
 def _prepare_in_process() -> None:
@@ -253,6 +257,9 @@ def _prepare_in_process() -> None:
     from autofit.trials import runner as trial_mod
 
     trial_mod.prestart()
+    server = trial_mod.running_server()
+    if server is not None:
+        server._ensure_ready()  # its torch import done before any clock, as the anchors' imports
 
 
 def _boundary(r: dict) -> str:
@@ -281,16 +288,25 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
           "| batch: autofit / binsearch / power / accelerate | autofit pinned (b fits, b+1 OOM) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     splits: dict[str, list[dict]] = {}
-    for name in names:
+    with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
+        A.run_autofit(A.case_spec(names[0]))  # discarded: the process's one-time costs
+
+    def own(spec):  # type: ignore[no-untyped-def]
+        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
+                own_verification():
+            return A.run_autofit(spec)  # as cold, the verification its own trial
+
+    for i, name in enumerate(names):
         spec = A.case_spec(name)
         split: list[dict] = []
+        own_first = i % 2 == 1  # alternate, so that order effects hit both alike
+        verify_own = own(spec) if own_first else None
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
             with timed_trials(split):
                 cold = A.run_autofit(spec)  # an empty cache: every trace runs
             warm = A.run_autofit(spec)
-        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
-                own_verification():
-            verify_own = A.run_autofit(spec)  # as cold, the verification its own trial
+        if verify_own is None:
+            verify_own = own(spec)
         splits[name] = split
         anchors = {kind: A.run_anchor(kind, name) for kind in
                    ("lightning-binsearch", "lightning-power", "accelerate")
@@ -315,16 +331,17 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
               f"{cold['wall_s']:.1f} s cold ({len(cold['trials'])} trials), "
               f"{warm.get('predict_s', 0):.1f} s of {warm['wall_s']:.1f} s warm; own "
               f"verification: {len(verify_own['trials'])} trials, returned "
-              f"{verify_own.get('returned')}; load {load()} -->", flush=True)
+              f"{verify_own.get('returned')}, run {'before' if own_first else 'after'} cold; "
+              f"load {load()} -->", flush=True)
     print("\n| cold autofit, where its real trials' time goes (s, summed over trials) | trials "
           "| trial wall | fork + return | model build | warm-up steps | timed steps | rest of "
-          "the child |\n|---|---|---|---|---|---|---|---|")
+          "the child | steps of the OOM trials (to the OOM) |\n|---|---|---|---|---|---|---|---|---|")
     for name, split in splits.items():
         total = {k: sum(t[k] for t in split) for k in
-                 ("wall", "fork", "build", "warmup", "timed", "rest")}
+                 ("wall", "fork", "build", "warmup", "timed", "rest", "oom")}
         print(f"| {name} | {len(split)} | {total['wall']:.2f} | {total['fork']:.2f} "
               f"| {total['build']:.2f} | {total['warmup']:.2f} | {total['timed']:.2f} "
-              f"| {total['rest']:.2f} |")
+              f"| {total['rest']:.2f} | {total['oom']:.2f} |")
     print(f"\nload {load()}")
 
 
