@@ -27,7 +27,9 @@ Every figure is the wall time of a fresh process, as a user sees it:
   trial (``searches.reusable_verification`` switched off in the process: what tune did before
   it reused the search trial at the winner). Then, per case, where a cold run's real trials
   spent their time: fork and result return (trial wall less the child's own time), model build,
-  warm-up steps, timed steps, the rest of the child (spec, tracker, measurement). Every wall
+  warm-up steps, timed steps, the rest of the child (spec, tracker, measurement), an OOM
+  trial's steps up to its OOM, and the probe calibration that follows the first fitting trial in
+  the parent (a fresh trace of that batch, compared op by op with the trial). Every wall
   time excludes Python start-up and imports (the anchors' workers time the search only;
   autofit's fork server is started and ready, its torch import done, and ``torch._dynamo``
   imported before the clock; one discarded autofit run absorbs the process's one-time costs,
@@ -213,22 +215,31 @@ def timed_trials(into: list[dict]):  # type: ignore[no-untyped-def]
     """A context: every real trial's time split is appended to ``into`` (``trial_split``)."""
     import contextlib
 
+    import autofit.search.tuner as tuner
     import autofit.trials as trials
 
     @contextlib.contextmanager
     def on():  # type: ignore[no-untyped-def]
-        run = trials.run_trial
+        run, calibrate_on = trials.run_trial, tuner.calibrate_on
 
         def timed(*a, **k):  # type: ignore[no-untyped-def]
             result = run(*a, **k)
             into.append(trial_split(result, a[0] if a else k["spec"], k.get("steps")))
             return result
 
-        trials.run_trial = timed
+        def calibrating(*a, **k):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return calibrate_on(*a, **k)
+            finally:  # after the trial it follows: the probe calibration's trace
+                if into:
+                    into[-1]["calibrate"] += time.perf_counter() - t0
+
+        trials.run_trial, tuner.calibrate_on = timed, calibrating
         try:
             yield
         finally:
-            trials.run_trial = run
+            trials.run_trial, tuner.calibrate_on = run, calibrate_on
 
     return on()
 
@@ -245,7 +256,7 @@ def trial_split(result, spec, steps) -> dict:  # type: ignore[no-untyped-def]
             "warmup": max(0.0, stepping - timed_s), "timed": timed_s,
             "rest": max(0.0, child - build - stepping) if child and fits else 0.0,
             "oom": max(0.0, child - build) if child and not fits else 0.0,
-            "fits": fits, "steps_run": result.steps_run}
+            "calibrate": 0.0, "fits": fits, "steps_run": result.steps_run}
 
 
 def _prepare_in_process() -> None:
@@ -335,13 +346,14 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
               f"load {load()} -->", flush=True)
     print("\n| cold autofit, where its real trials' time goes (s, summed over trials) | trials "
           "| trial wall | fork + return | model build | warm-up steps | timed steps | rest of "
-          "the child | steps of the OOM trials (to the OOM) |\n|---|---|---|---|---|---|---|---|---|")
+          "the child | steps of the OOM trials (to the OOM) | probe calibration after the "
+          "trials (in the parent) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, split in splits.items():
         total = {k: sum(t[k] for t in split) for k in
-                 ("wall", "fork", "build", "warmup", "timed", "rest", "oom")}
+                 ("wall", "fork", "build", "warmup", "timed", "rest", "oom", "calibrate")}
         print(f"| {name} | {len(split)} | {total['wall']:.2f} | {total['fork']:.2f} "
               f"| {total['build']:.2f} | {total['warmup']:.2f} | {total['timed']:.2f} "
-              f"| {total['rest']:.2f} | {total['oom']:.2f} |")
+              f"| {total['rest']:.2f} | {total['oom']:.2f} | {total['calibrate']:.2f} |")
     print(f"\nload {load()}")
 
 
