@@ -33,7 +33,8 @@ Every figure is the wall time of a fresh process, as a user sees it:
   time excludes Python start-up and imports (the anchors' workers time the search only;
   autofit's fork server is started and ready, its torch import done, and ``torch._dynamo``
   imported before the clock; one discarded autofit run absorbs the process's one-time costs,
-  and the own-verification run alternates before/after the cold one by case). Answer quality: autofit's batch ran and fits and the next batch ran and does not
+  torch's fake-tensor dispatch cache is emptied before every autofit run, as in a fresh
+  process, and the own-verification run alternates before/after the cold one by case). Answer quality: autofit's batch ran and fits and the next batch ran and does not
   (the boundary, i.e. the true max for a memory that grows with batch);
 * the 3-axis search of ``scripts/bench_tune.py`` (gpt_tiny, 3 sizes x 3 precisions x 3 segment
   counts): *before* = per-stretch lines off, no cache and the verification run as its own trial
@@ -273,6 +274,18 @@ def _prepare_in_process() -> None:
         server._ensure_ready()  # its torch import done before any clock, as the anchors' imports
 
 
+def fresh(run):  # type: ignore[no-untyped-def]
+    """``run`` with torch's fake-tensor dispatch cache emptied first, as in a fresh process
+    (a run of the same model after another would otherwise trace faster)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def call(*a, **k):  # type: ignore[no-untyped-def]
+        FakeTensorMode.cache_clear()
+        return run(*a, **k)
+
+    return call
+
+
 def _boundary(r: dict) -> str:
     """'yes' when the returned batch ran and fit and the next batch ran and did not."""
     got = r.get("returned")
@@ -288,6 +301,8 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
     _prepare_in_process()
     import bench_anchors as A
 
+    run_autofit = fresh(A.run_autofit)
+
     from autofit.predict.cache import TraceCache
     from autofit.predict.cache import using as using_cache
 
@@ -300,12 +315,12 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     splits: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
-        A.run_autofit(A.case_spec(names[0]))  # discarded: the process's one-time costs
+        run_autofit(A.case_spec(names[0]))  # discarded: the process's one-time costs
 
     def own(spec):  # type: ignore[no-untyped-def]
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
                 own_verification():
-            return A.run_autofit(spec)  # as cold, the verification its own trial
+            return run_autofit(spec)  # as cold, the verification its own trial
 
     for i, name in enumerate(names):
         spec = A.case_spec(name)
@@ -314,8 +329,8 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
         verify_own = own(spec) if own_first else None
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
             with timed_trials(split):
-                cold = A.run_autofit(spec)  # an empty cache: every trace runs
-            warm = A.run_autofit(spec)
+                cold = run_autofit(spec)  # an empty cache: every trace runs
+            warm = run_autofit(spec)
         if verify_own is None:
             verify_own = own(spec)
         splits[name] = split
@@ -364,6 +379,8 @@ def three_axis_before_after() -> None:
     _prepare_in_process()
     import bench_tune as T
 
+    three_axis = fresh(T.three_axis)
+
     import autofit.predict.batch_curve as bc
     from autofit.predict.cache import TraceCache
     from autofit.predict.cache import using as using_cache
@@ -378,12 +395,12 @@ def three_axis_before_after() -> None:
     bc._pin_by_segments = lambda *a, **k: None
     try:
         with own_verification():
-            rows[BEFORE_3AXIS] = T.three_axis(quiet)
+            rows[BEFORE_3AXIS] = three_axis(quiet)
     finally:
         bc._pin_by_segments = pin
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
-        rows["cold (empty cache)"] = T.three_axis(quiet)
-        rows["warm (same cache)"] = T.three_axis(quiet)
+        rows["cold (empty cache)"] = three_axis(quiet)
+        rows["warm (same cache)"] = three_axis(quiet)
     for label, row in rows.items():  # [name, budget, combos, pin, trials, steps, measured, best, predict s, wall s]
         print(f"| {label} | {row[9]} | {row[8]} | {row[4]} | {row[7]} |")
     before = float(rows[BEFORE_3AXIS][9])
