@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,7 +337,8 @@ def test_cpu_budget_search_trial_is_the_verification():
     assert ran == [(4, 1)]
 
 
-def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Path):
+def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Path,
+                                                                   monkeypatch):
     """A process forked from the trial fork server traces settings from the last one down
     while this one traces from the first up; the answers are the serial ones, and the
     helper's settings are read back from the cache it filled (hits on an empty cache)."""
@@ -366,6 +368,20 @@ def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Pat
         while not server.ready_now() and time.monotonic() < deadline:
             time.sleep(0.05)
         order: list[int] = []
+        import autofit.predict.batch_curve as bc
+
+        # this process claims its first setting only once the helper holds the last one (or
+        # after 60 s), so that a loaded machine cannot let it take every setting first
+        own_claim = bc._Helper.claim
+
+        def claim_after_the_helper(helper: Any, index: int) -> bool:
+            last = Path(helper.request["claims"]) / f"claim-{len(helper.request['bases']) - 1}"
+            deadline = time.monotonic() + 60
+            while helper.pid is not None and not last.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return own_claim(helper, index)
+
+        monkeypatch.setattr(bc._Helper, "claim", claim_after_the_helper)
         with using(TraceCache(tmp_path / "c")) as cache:
             found = predict_many(spec, bases, CPU, limit, exact=False, server=server,
                                  on_each=lambda i, _: order.append(i))
@@ -373,6 +389,7 @@ def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Pat
         assert sorted(order) == list(range(len(bases)))
         assert cache.hits > 0  # the helper's traces, read back
         assert cache.hits + cache.new == sum(p.traces for p in found)
+        monkeypatch.undo()
         # an error here mid-way: the helper is stopped and its exit line read, so the next
         # trial through the same server gets its own reply
         import autofit.predict.batch_curve as bc
