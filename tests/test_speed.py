@@ -417,3 +417,33 @@ def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Pat
     with using(TraceCache(tmp_path / "d")) as alone:
         again = predict_many(spec, bases, CPU, limit, exact=False, server=None)
     assert [p.batch_size for p in again] == serial and alone.hits == 0
+
+
+def test_the_fork_server_preloads_only_the_frameworks_the_parent_loaded(monkeypatch):
+    """A Lightning or HF trial forked from the server finds its framework imported already;
+    the server imports only known frameworks, and only those the parent (the spec) loaded."""
+    from autofit.trials import forkserver, runner
+
+    script = ("import sys; from autofit.trials.forkserver import _preload; "
+              "_preload('lightning.pytorch,wave,no_such_framework'); "
+              "print('lightning.pytorch' in sys.modules, 'wave' in sys.modules)")
+    pytest.importorskip("lightning")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]  # a framework yes, any other module no
+    seen: list[tuple[str, ...]] = []
+
+    class Recorded:
+        def __init__(self, preload: tuple[str, ...] = ()) -> None:
+            seen.append(preload)
+
+        def alive(self) -> bool:
+            return True
+
+    monkeypatch.setattr(runner, "ForkServer", Recorded)
+    monkeypatch.setattr(runner, "_SERVER", None)
+    monkeypatch.setitem(sys.modules, "transformers", sys.modules.get("transformers", object()))
+    runner._server()
+    assert seen and "transformers" in seen[0]
+    assert set(seen[0]) == {n for n in forkserver.FRAMEWORKS if n in sys.modules}

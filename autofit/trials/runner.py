@@ -30,7 +30,7 @@ from pathlib import Path
 from autofit.candidate import Candidate
 from autofit.device import resolve_device
 from autofit.spec import ExperimentSpec
-from autofit.trials.forkserver import ForkServer, fork_enabled
+from autofit.trials.forkserver import ForkServer, fork_enabled, frameworks_loaded
 from autofit.trials.result import TrialResult, TrialStatus
 
 _SERVER: ForkServer | None = None
@@ -40,12 +40,13 @@ _ACTIVE: set[int] = set()
 def _server() -> ForkServer:
     global _SERVER
     if _SERVER is None or not _SERVER.alive():
-        _SERVER = ForkServer()
+        _SERVER = ForkServer(frameworks_loaded())
     return _SERVER
 
 
 def prestart() -> None:
-    """Start the fork server now (its torch import overlaps the predictor's traces)."""
+    """Start the fork server now (its torch import overlaps the predictor's traces), with the
+    training frameworks the spec's model has imported here (``forkserver.FRAMEWORKS``)."""
     if fork_enabled():
         _server()
 
