@@ -392,8 +392,6 @@ def test_settings_are_predicted_side_by_side_with_the_same_answers(tmp_path: Pat
         monkeypatch.undo()
         # an error here mid-way: the helper is stopped and its exit line read, so the next
         # trial through the same server gets its own reply
-        import autofit.predict.batch_curve as bc
-
         real = bc.predict_max_batch
         calls = {"n": 0}
 

@@ -170,9 +170,7 @@ class TraceCache:
     def key(self, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel) -> str:
         from autofit.version import __version__
 
-        spec_key = self._spec_keys.get(id(spec))
-        if spec_key is None:
-            spec_key = self._spec_keys[id(spec)] = spec_fingerprint(spec)
+        spec_key = self._spec_key(spec)
         text = json.dumps({
             "format": FORMAT, "spec": spec_key, "candidate": candidate.to_dict(),
             "torch": torch_version(), "device_model": asdict(model),
@@ -180,6 +178,22 @@ class TraceCache:
             **parallel_key(spec),
         }, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _spec_key(self, spec: ExperimentSpec) -> str:
+        """``spec_fingerprint`` of ``spec``, computed once per spec object."""
+        spec_key = self._spec_keys.get(id(spec))
+        if spec_key is None:
+            spec_key = self._spec_keys[id(spec)] = spec_fingerprint(spec)
+        return spec_key
+
+    def _write(self, name: str, text: str) -> None:
+        try:
+            from autofit.files import write_atomic
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.directory / name, text)
+        except OSError:
+            pass  # a cache that cannot be written is only a slower run
 
     def get(self, key: str) -> MemoryEstimate | None:
         from autofit.predict.estimates import MemoryEstimate
@@ -208,13 +222,7 @@ class TraceCache:
     def put(self, key: str, est: MemoryEstimate) -> None:
         self.new += 1
         self._use(key)
-        try:
-            from autofit.files import write_atomic
-
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.directory / f"{key}.json", json.dumps(est.to_dict(full=True)))
-        except OSError:
-            pass  # a cache that cannot be written is only a slower run
+        self._write(f"{key}.json", json.dumps(est.to_dict(full=True)))
 
     def answer_key(self, spec: ExperimentSpec, question: dict[str, Any],
                    calibration_file: Path) -> str:
@@ -224,9 +232,7 @@ class TraceCache:
         from autofit.device import cpu_total_bytes
         from autofit.version import __version__
 
-        spec_key = self._spec_keys.get(id(spec))
-        if spec_key is None:
-            spec_key = self._spec_keys[id(spec)] = spec_fingerprint(spec)
+        spec_key = self._spec_key(spec)
         text = json.dumps({
             "format": FORMAT, "spec": spec_key, "raw": spec.raw, "question": question,
             "torch": torch_version(), "autofit": [__version__, autofit_code_fingerprint()],
@@ -254,14 +260,8 @@ class TraceCache:
 
     def put_answer(self, key: str, plan: dict[str, Any]) -> None:
         """Record the traces this run used (``used``) under the answer's key."""
-        try:
-            from autofit.files import write_atomic
-
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.directory / f"estimate-{key}.json",
-                         json.dumps({"plan": plan, "traces": self.used}, default=str))
-        except OSError:
-            pass
+        self._write(f"estimate-{key}.json",
+                    json.dumps({"plan": plan, "traces": self.used}, default=str))
 
     def summary(self) -> str:
         return (f"trace cache: {self.hits} hit(s), {self.new} new trace(s) "
