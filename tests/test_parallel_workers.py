@@ -73,12 +73,21 @@ def test_worker_queue_and_winner_with_a_strategy_list(objective, tmp_path, one_t
 
 def test_worker_short_of_gpus_runs_the_ranks_available(tmp_path, monkeypatch, one_thread):
     """A worker on a machine with fewer GPUs than ranks (injected: 2 for fsdp x4) measures
-    at 2 ranks, and its result says world size 4 is predicted-only."""
+    at 2 ranks, and its results.json says world size 4 is predicted-only with the same
+    ``ranks`` entry as the single-process tune; so does an assembly of the finished study."""
+    import json
+
+    import autofit.search.tuner as tuner
+    from autofit.cluster import write_files
     from autofit.trials import ranks
 
     real = ranks.spec_shortfall
-    monkeypatch.setattr(ranks, "spec_shortfall",
-                        lambda spec, device: real(spec, "cuda", device_count=2))
+
+    def short(spec, device):
+        return real(spec, "cuda", device_count=2)
+
+    monkeypatch.setattr(ranks, "spec_shortfall", short)
+    monkeypatch.setattr(tuner, "spec_shortfall", short)
     raw = {"name": "ranks-short", "model": GPT,
            "data": {"kind": "tokens", "vocab_size": 128, "seq_len": 32}, "device": "cpu",
            "memory": {"budget": 1_200_000, "margin": 0.0},
@@ -91,8 +100,21 @@ def test_worker_short_of_gpus_runs_the_ranks_available(tmp_path, monkeypatch, on
         worlds.append(spec.world_size)
         return landscape(spec, candidate, **kwargs)
 
-    result = run_worker(spec_from_dict(raw), f"journal:{tmp_path / 's.journal'}", runner=run,
-                        poll_s=0.1, worker_id="w")
+    url = f"journal:{tmp_path / 's.journal'}"
+    result = run_worker(spec_from_dict(raw), url, runner=run, poll_s=0.1, worker_id="w")
     assert worlds and set(worlds) == {2}
     assert any(n.startswith("verified on 2 ranks; world size 4 is predicted-only")
                for n in result.notes)
+
+    alone = run_search(spec_from_dict(raw), runner=Landscape())
+    assert alone.ranks["world_size"] == 4 and alone.ranks["verified_world_size"] == 2
+    assert alone.ranks["predicted_batch_size"] >= alone.best.result.candidate.batch_size
+    assert result.best.result.candidate == alone.best.result.candidate
+    write_files(result, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["ranks"] == alone.ranks
+    assert data["ranks"]["note"] in data["notes"]
+
+    worlds.clear()
+    again = run_worker(spec_from_dict(raw), url, runner=run, assemble_only=True, worker_id="a")
+    assert worlds == [] and again.ranks == alone.ranks

@@ -346,6 +346,22 @@ def reusable_verification(spec: ExperimentSpec, best: TrialRecord, steps: int) -
             f"verification, no trial run")
 
 
+def ranks_entry(job_spec: ExperimentSpec, best: TrialRecord, plan: Plan,
+                short: Any) -> dict[str, Any]:
+    """results.json's ``ranks`` entry when the trials ran fewer ranks than the job asks
+    (``short``: ``autofit.trials.ranks.RankShortfall``; ``job_spec`` at the job's own world
+    size): the answer at that world size, marked predicted-only (``predicted_only``), or the
+    shortfall alone with why its prediction failed. Its ``note`` goes into the notes."""
+    from autofit.errors import AutofitError
+    from autofit.predict.distributed import predicted_only
+
+    try:
+        return predicted_only(job_spec, best.result.candidate, plan.device_model,
+                              plan.limit_bytes, short) or short.to_dict()
+    except AutofitError as exc:
+        return {**short.to_dict(), "note": f"{short.note()}; its prediction failed: {exc}"}
+
+
 def verify_best(search: Search, best: TrialRecord) -> TrialRecord | None:
     """Re-run the winner (``verification_steps``); step down while it fails.
 

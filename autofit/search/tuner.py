@@ -20,7 +20,7 @@ from autofit.errors import AutofitError, SearchError, TuneFailed, TuneInterrupte
 from autofit.parallel import with_world_size
 from autofit.predict import calibrate as calib
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_many, predict_max_batch
-from autofit.predict.distributed import predicted_only, sharding_note
+from autofit.predict.distributed import sharding_note
 from autofit.search.events import EventHandler, emitter
 from autofit.search.plan import (
     Plan,
@@ -32,6 +32,7 @@ from autofit.search.plan import (
 from autofit.search.results import SettingSummary, TuneResult
 from autofit.search.searches import (
     Search,
+    ranks_entry,
     search_max_batch,
     search_max_input,
     search_throughput,
@@ -197,12 +198,7 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
     result = partial()
     result.best = best
     if short is not None:  # the answer at the job's own world size, marked predicted-only
-        try:
-            result.ranks = predicted_only(job_spec, best.result.candidate, plan.device_model,
-                                          plan.limit_bytes, short) or short.to_dict()
-        except AutofitError as exc:
-            result.ranks = {**short.to_dict(), "note": f"{short.note()}; its prediction "
-                                                       f"failed: {exc}"}
+        result.ranks = ranks_entry(job_spec, best, plan, short)
         result.notes.append(result.ranks["note"])
     result.targets = configure_targets(spec, best, plan, ledger.runner, emit)
     result.wall_time_s = time.perf_counter() - started

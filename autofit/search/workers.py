@@ -588,7 +588,7 @@ def process_setting(search: Any, setting: Setting) -> None:
 
 def finish(search: Any, settings: list[Setting], runner_for_targets: Any) -> TuneResult:
     """The objective's own search replayed over the study, verification, targets."""
-    from autofit.search.searches import verify_best
+    from autofit.search.searches import ranks_entry, verify_best
     from autofit.search.targets import configure_targets
     from autofit.search.tuner import SEARCHES
 
@@ -611,6 +611,10 @@ def finish(search: Any, settings: list[Setting], runner_for_targets: Any) -> Tun
         raise SearchError(nothing_fits_message(search.spec, search.plan, settings))
     result = _with_all_trials(search)
     result.best = best
+    short = getattr(search, "short", None)
+    if short is not None:  # the answer at the job's own world size, as `tune` writes it
+        result.ranks = ranks_entry(search.job_spec, best, search.plan, short)
+        result.notes.append(result.ranks["note"])
     stored = retry(lambda: search.ledger.study.user_attrs, "reading the study").get(TARGETS_ATTR)
     if stored is not None and search.ledger.runner is _recall_only:
         result.targets = stored  # as the finishing worker configured them (on its device)
@@ -729,6 +733,7 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
     plan = plan_limits(spec, device)
     from autofit.trials.ranks import spec_shortfall
 
+    job_spec = spec
     if (short := spec_shortfall(spec, plan.device)) is not None:  # fewer GPUs than ranks
         from autofit.parallel import with_world_size
 
@@ -740,6 +745,7 @@ def run_worker(spec: ExperimentSpec, storage: str, *, device: str | None = None,
     ledger.worker_id = worker_id  # type: ignore[attr-defined]
     search = Search(spec, plan, {}, {}, ledger, emit, Strategy.BINARY, None)
     search.started, search.predict_s = started, 0.0  # type: ignore[attr-defined]
+    search.job_spec, search.short = job_spec, short  # type: ignore[attr-defined]
     for note in plan.notes:
         search.say(note, note=True)
     if choose_strategy(spec) is Strategy.OPTUNA:
