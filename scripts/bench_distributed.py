@@ -4,6 +4,7 @@ Usage::
 
     python scripts/bench_distributed.py                    # the per-rank table
     python scripts/bench_distributed.py --scan             # and the exhaustive 2-rank scan
+    python scripts/bench_distributed.py --no-table --repeat 12   # the gloo settle, repeated
     python scripts/bench_distributed.py --models tiny small gpt2 --segments 0 2
 
 **The table.** For each model, precision (fp32, bf16 autocast), checkpoint segments, strategy
@@ -28,6 +29,13 @@ as a real 2-rank trial under the same budget: the tuned batch must be the larges
 The same spec with no ``parallel`` section is tuned too, and the real trials of both searches
 are printed side by side. A trial fails on the peak of any step (as a device would); the
 prediction is read from step 2 on, so the scan shows both.
+
+**The repeat** (``--repeat N``): the same 2-rank fsdp trial of the scan's GPT (batch 4 per
+rank, fp32 and bf16 with 2 checkpoint segments) run N times with each collective settled
+(the default: it returns once gloo's worker thread has let go of its tensors) and N times
+without, interleaved; per run the two ranks' peaks from step 2 on minus the prediction, and how
+many of the ranks' collectives had to wait. Without the settle a rank's all-gather output can
+outlive the step's reference by a moment and show up in its peak.
 
 Every process runs with ``OMP_NUM_THREADS=1``; the load average is printed with the timings.
 """
@@ -214,6 +222,41 @@ def scan(out: Path) -> None:
         raise SystemExit(1)
 
 
+def repeat(runs: int) -> None:
+    from autofit.candidate import Candidate
+    from autofit.predict.device_model import CPU
+    from autofit.predict.distributed import estimate_rank
+    from autofit.trials.ranks import run_rank_trial
+
+    spec = spec_for(SCAN_GPT, "fsdp", 2)
+    print(f"\nRepeated 2-rank fsdp trials, GPT {SCAN_GPT}, batch 4 per rank, {runs} runs each way "
+          f"(interleaved)\n")
+    print("| precision | ckpt | collectives | runs | both ranks exact | off runs: rank peak - "
+          "predicted (bytes) | collectives that waited / run |")
+    print("|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+    for precision, segments in (("fp32", 0), ("bf16", 2)):
+        cand = Candidate(batch_size=4, input_size=SCAN_GPT["block_size"], precision=precision,
+                         checkpoint_segments=segments)
+        predicted = estimate_rank(spec, cand, CPU).peak_bytes
+        rows: dict[bool, list[tuple[list[int], int]]] = {True: [], False: []}
+        for _ in range(runs):
+            for settle in (True, False):
+                res = run_rank_trial(spec, cand, steps=1, timeout_s=600, settle_collectives=settle)
+                diffs = [p - predicted for p in res.extra.get("rank_peaks_from_step", []) if p]
+                waited = sum(c.get("waited", 0) for c in res.extra.get("rank_collectives", []))
+                rows[settle].append((diffs, waited))
+        for settle in (True, False):
+            got = rows[settle]
+            exact = sum(1 for diffs, _ in got if diffs and not any(diffs))
+            off = sorted({d for diffs, _ in got for d in diffs if d})
+            waits = (f"{sum(w for _, w in got) / len(got):.1f}" if settle else "-")
+            print(f"| {precision} | {segments} | {'settled' if settle else 'as gloo returns'} | "
+                  f"{len(got)} | {exact} | {', '.join(f'{d:+,}' for d in off) or '-'} | {waits} |")
+    print(f"\npredicted per-rank peak: the fake-PG trace; wall {time.perf_counter() - t0:.0f} s "
+          f"({load()})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["tiny", "small"])
@@ -225,7 +268,9 @@ def main() -> None:
                         help="also run 2 real ranks of the models predicted only by default")
     parser.add_argument("--scan", action="store_true",
                         help="also the exhaustive 2-rank scan of a tuned fsdp batch")
-    parser.add_argument("--no-table", action="store_true", help="only the scan")
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help="also N repeated 2-rank trials with and without the gloo settle")
+    parser.add_argument("--no-table", action="store_true", help="skip the per-rank table")
     args = parser.parse_args()
     import torch
 
@@ -238,6 +283,8 @@ def main() -> None:
     if args.scan:
         with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
             scan(Path(tmp))
+    if args.repeat:
+        repeat(args.repeat)
     print(f"\ntotal {time.perf_counter() - start:.0f} s ({load()})")
 
 

@@ -145,9 +145,13 @@ class _RankRun(TrialRun):
         result["rank"] = rank
 
     def run_steps(self) -> None:
-        from autofit.parallel import track_resizes
+        from autofit.parallel import settled_collectives, track_resizes
 
-        with track_resizes(self.tracker):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(track_resizes(self.tracker))
+            if self.device.type == "cpu" and self.request.get("settle_collectives", True):
+                # gloo: see settled_collectives
+                self.result["collectives"] = stack.enter_context(settled_collectives())
             super().run_steps()
 
     def measure(self) -> None:
@@ -200,13 +204,18 @@ def _tail(path: Path, lines: int = 3) -> str:
 def run_rank_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | None = None,
                    steps: int | None = None, warmup_steps: int | None = None,
                    timeout_s: float | None = None, device: str | None = None,
-                   plan: Any = None, device_count: int | None = None) -> TrialResult:
+                   plan: Any = None, device_count: int | None = None,
+                   settle_collectives: bool = True) -> TrialResult:
     """Run ``candidate`` on ``plan.world_size`` real ranks (default: the spec's parallel
     section); ``limit_bytes`` is each rank's budget. Never raises for what a rank does.
 
     On CUDA with fewer devices than ranks the trial runs the largest world size available
     (``rank_shortfall``), one rank per device; ``extra["requested_world_size"]`` and the
-    result's warning say that the asked world size is predicted-only."""
+    result's warning say that the asked world size is predicted-only.
+
+    On CPU each collective returns only once gloo's worker thread has released its tensors
+    (``autofit.parallel.settled_collectives``), so every rank's peak follows the step's order;
+    ``settle_collectives=False`` measures without that wait (for comparison)."""
     from autofit.parallel import RankPlan
 
     plan = plan or RankPlan.from_spec(spec)
@@ -214,7 +223,8 @@ def run_rank_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: i
     short = rank_shortfall(plan.world_size, device, device_count=device_count)
     if short is not None:
         plan = dataclasses.replace(plan, world_size=short.verified_world_size)
-    result = _run_ranks(spec, candidate, plan, device, limit_bytes, steps, warmup_steps, timeout_s)
+    result = _run_ranks(spec, candidate, plan, device, limit_bytes, steps, warmup_steps, timeout_s,
+                        settle_collectives)
     if short is not None:
         result.extra["requested_world_size"] = short.world_size
         result.warning = "; ".join(w for w in (result.warning, short.note()) if w)
@@ -223,7 +233,7 @@ def run_rank_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: i
 
 def _run_ranks(spec: ExperimentSpec, candidate: Candidate, plan: Any, device: str,
                limit_bytes: int | None, steps: int | None, warmup_steps: int | None,
-               timeout_s: float | None) -> TrialResult:
+               timeout_s: float | None, settle_collectives: bool = True) -> TrialResult:
     timeout_s = spec.search.timeout_s if timeout_s is None else timeout_s
     world = plan.world_size
     started = time.perf_counter()
@@ -236,6 +246,7 @@ def _run_ranks(spec: ExperimentSpec, candidate: Candidate, plan: Any, device: st
             "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
             "warmup_steps": spec.search.warmup_steps if warmup_steps is None else warmup_steps,
             "steps": spec.search.steps_per_trial if steps is None else steps,
+            "settle_collectives": settle_collectives,
         }
         (folder / "request.json").write_text(json.dumps(request, default=str))
         env = {**os.environ,
@@ -306,6 +317,11 @@ def _combine(candidate: Candidate, plan: Any, results: list[dict[str, Any]], wal
         "rank_peaks_from_step": [r.get("peak_from_step_bytes") for r in by_rank],
         "rank_status": [r.get("status") for r in by_rank],
     }
+    settled = [r.get("collectives") for r in by_rank if r.get("collectives")]
+    if settled:  # per rank: collectives run, waits for gloo's worker, still held after the wait
+        result.extra["rank_collectives"] = [
+            {k: (r.get("collectives") or {}).get(k, 0) for k in ("calls", "waited", "unsettled")}
+            for r in by_rank]
     if "traceback" in data:
         result.extra["traceback"] = data["traceback"]
     return result
