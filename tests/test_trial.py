@@ -266,3 +266,32 @@ def test_rlimit_backend_lets_a_small_model_fit() -> None:
     result = run_trial(spec, cand(), limit_bytes=LIMIT)
     assert result.status is TrialStatus.FITS, result.message
     assert result.limit_kind == "rlimit"
+
+
+def test_fork_server_preload_asks_for_each_missing_framework_once() -> None:
+    """``ForkServer.preload`` sends the server only known frameworks it has not been asked
+    for (the spec loaded them after the server started), each once, and nothing to a dead
+    server; the server imports them before its next fork, with no reply on the protocol."""
+    import io
+    import json
+
+    from autofit.trials.forkserver import FRAMEWORKS, ForkServer
+
+    class Proc:
+        def __init__(self) -> None:
+            self.stdin = io.BytesIO()
+            self.code: int | None = None
+
+        def poll(self) -> int | None:
+            return self.code
+
+    server = ForkServer.__new__(ForkServer)
+    server.proc, server.preloaded = Proc(), {"transformers"}
+    server.preload(("transformers", "lightning.pytorch", "wave"))
+    server.preload(("lightning.pytorch",))
+    sent = [json.loads(line) for line in server.proc.stdin.getvalue().decode().splitlines()]
+    assert sent == [{"kind": "preload", "modules": ["lightning.pytorch"]}]
+    assert "wave" not in FRAMEWORKS and server.preloaded == {"transformers", "lightning.pytorch"}
+    server.proc.code = 0  # exited: nothing is written
+    server.preload(("pytorch_lightning",))
+    assert len(server.proc.stdin.getvalue().decode().splitlines()) == 1

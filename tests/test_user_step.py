@@ -92,6 +92,34 @@ def test_lightning_trainer_trial_and_estimate_agree_within_1_percent(lightning_s
     assert abs(predicted - trainer) / trainer < 0.01, (predicted, trainer)
 
 
+def test_a_fork_server_started_before_lightning_imports_it_once_for_every_trial(lightning_spec,
+                                                                              one_thread):
+    """A fork server started before the spec's model loaded Lightning (started early, as the
+    tuner's prestart or an earlier tune does) is asked to import it before its next fork:
+    every trial forked from it starts with Lightning loaded instead of importing it while it
+    builds the model, and measures what the same steps measure in this process."""
+    from autofit.trials import forkserver, runner
+
+    if not forkserver.fork_enabled():
+        pytest.skip("trials do not fork here")
+    assert "lightning.pytorch" in sys.modules  # the spec's model imported it
+    runner.shutdown()
+    runner._SERVER = forkserver.ForkServer(())  # nothing preloaded at its start
+    try:
+        cand = Candidate(batch_size=8, input_size=32)
+        trials = [runner.run_trial(lightning_spec, cand, steps=1) for _ in range(2)]
+        asked = set(runner._SERVER.preloaded)
+    finally:
+        runner.shutdown()
+    expected = measured_peak(lightning_spec, 8, steps=3)  # 2 warm-up + 1 timed
+    for result in trials:
+        assert result.fits, result.message
+        assert "lightning.pytorch" in result.extra["frameworks_preloaded"]
+        assert result.step_kind == StepKind.LIGHTNING
+        assert result.memory.peak_bytes == expected
+    assert asked == {name for name in forkserver.FRAMEWORKS if name in sys.modules}
+
+
 def test_lightning_loop_keeps_last_grads_through_forward(lightning_spec, one_thread):
     """Lightning zeroes grads inside the closure, after training_step: the previous step's
     gradients are alive during the forward, which autofit's own step frees first."""

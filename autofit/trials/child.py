@@ -183,9 +183,14 @@ def run_in_child(request: dict[str, Any], run_type: type[TrialRun] | None = None
 
     ``run_type``: a ``TrialRun`` subclass (one rank of a multi-rank trial); ``fields`` are
     put in the result from the start (its rank), so they are there whatever happens."""
+    from autofit.trials.forkserver import FRAMEWORKS
+
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "error", "message": "", "candidate": request["candidate"],
                               **fields}
+    # which training frameworks this process started with (forked from a server that had
+    # imported them) rather than importing them while it builds the model
+    result["frameworks_preloaded"] = [name for name in FRAMEWORKS if name in sys.modules]
     run = (run_type or TrialRun)(request, result)
     try:
         run.set_up()

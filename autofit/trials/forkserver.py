@@ -9,7 +9,8 @@ the caller's ``__main__``, so ``autofit.tune()`` works from any script or notebo
 
 Protocol, one JSON object per line. In: ``{"request", "result", "env", "sys_path"}`` (a
 trial), or ``{"kind": "predict", "request", ...}`` (``batch_curve.predict_job``: settings'
-predictions traced beside the parent's).
+predictions traced beside the parent's), or ``{"kind": "preload", "modules"}``
+(``ForkServer.preload``: frameworks to import before the next fork; nothing comes back).
 Out: ``{"pid": N}`` once forked, then ``{"pid": N, "exit": code}`` (negative = signal).
 """
 
@@ -47,6 +48,21 @@ class ForkServer:
         )
         self._buffer = b""
         self._ready = False
+        self.preloaded = set(preload)  # the frameworks asked of the server so far
+
+    def preload(self, names: tuple[str, ...]) -> None:
+        """Have the server import these frameworks too, once, before it forks its next job:
+        the spec's model loaded them here after the server had started (a server started
+        early, then a Lightning spec). No reply: the next job waits for the import, which
+        meanwhile overlaps whatever this process does (the predictions)."""
+        missing = sorted(n for n in names if n in FRAMEWORKS and n not in self.preloaded)
+        if not missing or not self.alive():
+            return
+        self.preloaded.update(missing)
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):  # a dead server: the next submit says so
+            self.proc.stdin.write((json.dumps({"kind": "preload", "modules": missing}) + "\n").encode())
+            self.proc.stdin.flush()
 
     def _ensure_ready(self) -> None:
         """Wait for the server's torch import (started in __init__, so it overlaps other work)."""
@@ -161,6 +177,9 @@ def _serve() -> None:
         if not line.strip():
             continue
         job = json.loads(line)
+        if job.get("kind") == "preload":  # ForkServer.preload: no fork, no reply
+            _preload(",".join(job.get("modules", [])))
+            continue
         pid = os.fork()
         if pid == 0:  # the trial process
             code = 1

@@ -41,12 +41,15 @@ def _server() -> ForkServer:
     global _SERVER
     if _SERVER is None or not _SERVER.alive():
         _SERVER = ForkServer(frameworks_loaded())
+    else:  # frameworks the spec loaded since the server started: imported there once, not
+        _SERVER.preload(frameworks_loaded())  # in every forked trial (1.5-3 s each)
     return _SERVER
 
 
 def prestart() -> None:
     """Start the fork server now (its torch import overlaps the predictor's traces), with the
-    training frameworks the spec's model has imported here (``forkserver.FRAMEWORKS``)."""
+    training frameworks the spec's model has imported here (``forkserver.FRAMEWORKS``); a
+    server already running is asked to import those it lacks (also overlapping the traces)."""
     if fork_enabled():
         _server()
 
@@ -199,5 +202,6 @@ def run_trial(spec: ExperimentSpec, candidate: Candidate, *, limit_bytes: int | 
     result.extra = {k: data[k] for k in ("build_s", "child_s", "traced_peak_bytes",
                                          "rss_peak_bytes", "alloc_conf", "traceback",
                                          "optimizer_state", "allocator_peak_bytes",
-                                         "allocator_peak_op") if k in data}
+                                         "allocator_peak_op", "frameworks_preloaded")
+                    if k in data}
     return result
