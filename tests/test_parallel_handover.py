@@ -149,10 +149,12 @@ def test_single_process_scripts_have_no_parallel_lines(tmp_path: Path,
 
 
 def test_script_warns_when_tuned_world_size_differs(tmp_path: Path) -> None:
-    write_exports(results({"strategy": "ddp", "world_size": 2}), tmp_path, formats=("torchrun",))
+    """5 ranks cannot be laid out on 2 nodes x 4 GPUs (both set): launched as written, with a
+    warning (a layout that can be derived is tested in test_launch_layout.py)."""
+    write_exports(results({"strategy": "ddp", "world_size": 5}), tmp_path, formats=("torchrun",))
     header = _header(tmp_path / "torchrun.sh")
     assert "# Parallel: ddp over 8 ranks" in header
-    assert "parallel.world_size 2 differs from the 8 ranks launched here" in header
+    assert "parallel.world_size 5 differs from the 8 ranks launched here" in header
 
 
 # ----------------------------------------------------------------------------- overlays

@@ -248,7 +248,8 @@ def print_tune_summary(console: Console, result: TuneResult) -> None:
     print_tune(console, result)
     if result.best is None:
         return
-    o = output_spec_of({"spec": result.spec.raw})
+    won = result.best.result.candidate.strategy  # a strategy list: the winner's layout
+    o = output_spec_of({"spec": result.spec.raw, "best": {"strategy": won} if won else {}})
     plan = plan_batch(result.best.result.candidate.batch_size, o.nodes * o.gpus_per_node,
                       o.global_batch_size)
     for line in summarize_plan(plan) + targets_lines(result.targets):

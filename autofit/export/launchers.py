@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from autofit.export.batch_plan import BatchPlan
@@ -73,18 +74,89 @@ def _dry_run(results: dict[str, Any]) -> str:
     return comment([f"DRY RUN: {note}."]) if note else ""
 
 
+def launch_layout(results: dict[str, Any], output: OutputSpec) -> tuple[int, int, str]:
+    """``(nodes, gpus_per_node, why)``: the layout the launch scripts run, and why it is not
+    ``output``'s as written ("" when it is).
+
+    A ddp/fsdp result whose spec sets ``parallel.world_size`` N was tuned per rank at N ranks
+    (fsdp's per-rank memory depends on N), so the scripts launch N ranks. When
+    ``output.nodes x output.gpus_per_node`` is not N, the layout is derived from N, keeping
+    what the spec's ``output`` sets:
+
+    1. ``gpus_per_node`` set and dividing N: N / gpus_per_node nodes of that many GPUs;
+    2. ``gpus_per_node`` set above N: one node, N of its GPUs;
+    3. ``nodes`` set and dividing N: that many nodes of N / nodes GPUs;
+    4. neither set: one node of N GPUs;
+    5. otherwise N cannot be laid out in whole nodes: ``output`` as written, and the header
+       warns that the per-rank memory is for N.
+    """
+    parallel = parallel_of(results)
+    if parallel.strategy == "none" or not parallel.world_size:
+        return output.nodes, output.gpus_per_node, ""
+    spec = results.get("spec")
+    written = spec.get("output") if isinstance(spec, dict) else None
+    return layout_for(parallel.world_size, output, written if isinstance(written, dict) else {})
+
+
+def layout_for(world: int, output: OutputSpec, written: dict[str, Any]) -> tuple[int, int, str]:
+    """``launch_layout`` for ``world`` ranks; ``written``: the spec's ``output`` as written
+    (which of nodes / gpus_per_node it sets)."""
+    nodes, gpus = output.nodes, output.gpus_per_node
+    if world == nodes * gpus:
+        return nodes, gpus, ""
+    has_gpus, has_nodes = "gpus_per_node" in written, "nodes" in written
+    asked = (f"output.nodes x output.gpus_per_node is {nodes} x {gpus} = {nodes * gpus}; "
+             f"parallel.world_size {world} is launched")
+    if has_gpus and world % gpus == 0:
+        return world // gpus, gpus, f"{asked}, on {world // gpus} node(s) of {gpus} GPU(s) " \
+                                    f"(output.gpus_per_node kept, nodes derived)"
+    if has_gpus and world < gpus:
+        return 1, world, f"{asked}, on 1 node using {world} of its {gpus} GPUs"
+    if has_nodes and world % nodes == 0:
+        return nodes, world // nodes, f"{asked}, on {nodes} node(s) of {world // nodes} " \
+                                      f"GPU(s) (output.nodes kept, GPUs per node derived)"
+    if not has_gpus and not has_nodes:
+        return 1, world, f"{asked}, on 1 node of {world} GPUs (output sets neither)"
+    return nodes, gpus, ""
+
+
+def launch_output(results: dict[str, Any], output: OutputSpec) -> OutputSpec:
+    """``output`` with the nodes and GPUs per node the launch scripts run (``launch_layout``):
+    the batch plan, tuned.yaml's world size and the scripts all use it."""
+    nodes, gpus, _ = launch_layout(results, output)
+    if (nodes, gpus) == (output.nodes, output.gpus_per_node):
+        return output
+    return replace(output, nodes=nodes, gpus_per_node=gpus)
+
+
+def _written_output(results: dict[str, Any]) -> OutputSpec | None:
+    from autofit.errors import SpecError
+    from autofit.spec import spec_from_dict
+
+    try:
+        return spec_from_dict(results.get("spec"), source="results.json:spec").output
+    except SpecError:
+        return None
+
+
 def _parallel_note(results: dict[str, Any], plan: BatchPlan) -> str:
-    """The header line naming the tuned strategy and world size ("" for strategy none)."""
+    """The header lines naming the tuned strategy and world size ("" for strategy none), and
+    how the layout was derived from ``parallel.world_size`` (``launch_layout``)."""
     parallel = parallel_of(results)
     if parallel.strategy == "none":
         return ""
     tuned_world = parallel.world_size or plan.world_size
     lines = [f"Parallel: {parallel.strategy} over {plan.world_size} ranks (memory tuned per rank);",
              f"{PARALLEL_ENV_VAR} below tells the training script to wrap its model."]
+    written = _written_output(results)
+    why = launch_layout(results, written)[2] if written is not None else ""
+    if why and tuned_world == plan.world_size:
+        lines.append(f"Layout: {why}.")
     if tuned_world != plan.world_size:
         lines.append(f"WARNING: parallel.world_size {tuned_world} differs from the "
                      f"{plan.world_size} ranks launched here: the per-rank memory is for "
-                     f"{tuned_world}.")
+                     f"{tuned_world}; set output.nodes x output.gpus_per_node to lay "
+                     f"{tuned_world} ranks out in whole nodes.")
     return comment(lines)
 
 

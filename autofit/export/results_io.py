@@ -101,11 +101,16 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 
 def output_spec_of(results: dict[str, Any]) -> OutputSpec:
-    """The ``output`` section of the spec stored in the results; defaults if it does not validate."""
+    """The ``output`` section of the spec stored in the results; defaults if it does not validate.
+    A ddp/fsdp spec's ``parallel.world_size`` sets the nodes x GPUs per node launched
+    (``launchers.launch_output``)."""
+    from autofit.export.launchers import launch_output
+
     try:
-        return spec_from_dict(results.get("spec"), source="results.json:spec").output
+        output = spec_from_dict(results.get("spec"), source="results.json:spec").output
     except SpecError:
         return OutputSpec()
+    return launch_output(results, output)
 
 
 def results_plan(results: dict[str, Any], output: OutputSpec | None = None) -> BatchPlan:
