@@ -519,6 +519,7 @@ def run_autofit(spec: Any) -> dict[str, Any]:
                        "verify": False, "result_id": id(result)})
         return result
 
+    runner.out_of_process = True  # type: ignore[attr-defined]  # run_trial's own process
     out: dict[str, Any] = {"trials": trials}
     t0 = time.perf_counter()
     try:

@@ -529,3 +529,105 @@ def test_profile_applies_the_calibration_in_use(ws_spec, one_thread) -> None:  #
     assert prof.peak_bytes == est.peak_bytes == prof.traced_peak_bytes + 6400
     assert prof.breakdown.peak_bytes == prof.peak_bytes
     assert any("unexplained residual" in n for n in prof.notes)
+
+
+# ------------------------------------------------------------------ the calibration's own traces
+def test_a_repeated_calibration_reads_its_traces_from_the_cache(ws_spec, tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """The plain and the corrected trace a calibration compares with are kept in the trace
+    cache: the same setting calibrated again traces nothing and gives the same calibration,
+    and a different real log is still compared op by op (a calibration, not a replay)."""
+    probe = Candidate(batch_size=64, input_size=0)
+    real = _real(WS_RAW, probe)
+    uncached = C.calibrate_from_trial(ws_spec, real, CPU, C.CalibrationStore())  # no cache
+    with trace_cache.using(trace_cache.TraceCache(tmp_path)):
+        start = dict(C.LOG_STATS)
+        first = C.calibrate_from_trial(ws_spec, real, CPU, C.CalibrationStore())
+        assert C.LOG_STATS["traced"] - start["traced"] == 2  # plain, then corrected
+        assert len(list(tmp_path.glob(f"{C.LOG_PREFIX}*.json"))) == 2
+        mid = dict(C.LOG_STATS)
+        again = C.calibrate_from_trial(ws_spec, real, CPU, C.CalibrationStore())
+        assert C.LOG_STATS["traced"] == mid["traced"]  # nothing traced
+        assert C.LOG_STATS["hits"] - mid["hits"] == 2
+        assert again.to_dict() == first.to_dict() == uncached.to_dict()
+        assert again.ops["autofit_test.scale_ws#1"].at_peak_bytes == 64 * 64 * WORKSPACE_PER_ELEMENT
+        # the real kernel's workspace doubled: the cached trace, a new comparison
+        doubled = {k: [n, b * 2] if k.endswith("autofit_test.scale_ws#1") else [n, b]
+                   for k, (n, b) in real.op_log.items()}
+        other = C.calibrate(ws_spec, probe, CPU, doubled, real.memory.peak_bytes,
+                            C.CalibrationStore())
+    corr, was = other.ops["autofit_test.scale_ws#1"], first.ops["autofit_test.scale_ws#1"]
+    assert corr.probes[-1].real_per_call == 2 * was.probes[-1].real_per_call
+    assert corr.slope == pytest.approx(2 * was.slope)
+    # another batch is another trace
+    with trace_cache.using(trace_cache.TraceCache(tmp_path)):
+        before = C.LOG_STATS["traced"]
+        C.traced_log(ws_spec, probe.with_batch(32), CPU)
+        assert C.LOG_STATS["traced"] == before + 1
+
+
+def test_the_pending_trace_is_the_trace_calibrate_takes(ws_spec, tmp_path, monkeypatch, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """``PendingTrace`` traces in a thread what ``traced_log`` traces here; with the log
+    cached it starts no thread; a failed trace is raised by ``get``."""
+    from dataclasses import asdict
+
+    from autofit.errors import BuildError
+
+    probe = Candidate(batch_size=32, input_size=0)
+    serial = C.traced_log(ws_spec, probe, CPU)
+    assert asdict(C.PendingTrace(ws_spec, probe, CPU).get()) == asdict(serial)
+    with trace_cache.using(trace_cache.TraceCache(tmp_path)):
+        traced = C.LOG_STATS["traced"]
+        first = C.PendingTrace(ws_spec, probe, CPU)
+        assert asdict(first.get()) == asdict(serial)
+        hit = C.PendingTrace(ws_spec, probe, CPU)  # the thread kept it in the cache
+        assert hit._thread is None and asdict(hit.get()) == asdict(serial)
+        assert C.LOG_STATS["traced"] == traced + 1
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BuildError("tracing failed: injected")
+
+    monkeypatch.setattr(C, "_trace_log", broken)
+    pending = C.PendingTrace(ws_spec, probe, CPU)
+    with pytest.raises(BuildError, match="injected"):
+        pending.get()
+
+
+def test_tune_traces_the_probe_beside_its_trial_and_reuses_it(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """Trials in their own process (``run_trial``): the calibration's trace runs beside the
+    probe trial, with the same calibration and trials as the in-process tune; a second tune
+    on the same trace cache calibrates without tracing."""
+    from autofit.search.tuner import out_of_process, run_search
+    from autofit.trials import runner
+
+    raw = {**WS_RAW, "memory": {"budget": "4MiB", "margin": 0.0},
+           "search": {"batch_size": {"min": 8, "max": 4096}, "verify_steps": 2}}
+    spec = spec_from_dict(raw)
+    assert out_of_process(runner.run_trial) and not out_of_process(_in_process_runner)
+
+    def ran(result):  # type: ignore[no-untyped-def]
+        return [(t.result.candidate.batch_size, t.result.fits) for t in result.trials]
+
+    for name in ("serial", "side", "again"):
+        (tmp_path / name).mkdir()
+    serial = run_search(spec, out_dir=tmp_path / "serial", runner=_in_process_runner)
+    try:
+        with trace_cache.using(trace_cache.TraceCache(tmp_path / "cache")):
+            start = dict(C.LOG_STATS)
+            side = run_search(spec, out_dir=tmp_path / "side", runner=runner.run_trial)
+            traced = C.LOG_STATS["traced"] - start["traced"]
+            mid = dict(C.LOG_STATS)
+            again = run_search(spec, out_dir=tmp_path / "again", runner=runner.run_trial)
+    finally:
+        runner.shutdown()
+    assert ran(side) == ran(again) == ran(serial)
+    assert side.best.result.candidate == serial.best.result.candidate
+    assert side.calibration == again.calibration == serial.calibration
+    assert "autofit_test.scale_ws#1" in side.calibration["settings"]["fp32/0/cpu"]["ops"]
+    # a plain trace beside each trial up to the first fit (each predicted to fit: the trace
+    # misses the workspace, so the first ones OOM and their traces go unused), then the
+    # corrected trace
+    predicted = side.settings[0].predicted_batch_size
+    first_fit = next(i for i, t in enumerate(side.trials) if t.result.fits)
+    assert all(b <= predicted for b, _ in ran(side)[:first_fit + 1])
+    assert traced == first_fit + 2
+    assert C.LOG_STATS["traced"] == mid["traced"] and C.LOG_STATS["hits"] - mid["hits"] >= 2

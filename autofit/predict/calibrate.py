@@ -27,6 +27,12 @@ storages and their bytes per phase, op and output index), so the two compare op 
 corrections (the trace cache keys corrected traces apart). A store is plain JSON: it lives
 in ``results.json`` and ``calibration.json`` next to it, so ``--resume``, ``export`` and the
 targets use it.
+
+What a calibration reads of its traces (``TracedLog``: the peak, BLAS use, the allocation
+log; for a corrected trace the bytes each corrected op adds at the peak) is kept in the
+active trace cache (``oplog-<key>.json``, keyed as the trace cache keys a trace, plus the
+corrections), so a repeated setting calibrates without tracing, and without torch.
+``PendingTrace`` traces it in a thread while the probe trial runs in its own process.
 """
 
 from __future__ import annotations
@@ -517,28 +523,170 @@ def _at_peak_by_op(tracker: Any) -> dict[str, int]:
     return out
 
 
+# ------------------------------------------------------------------ traced allocation logs
+@dataclass
+class TracedLog:
+    """What a calibration reads of one trace of a candidate."""
+
+    peak_bytes: int
+    """The tracker's peak (block-rounded live bytes)."""
+    uses_blas: bool
+    op_log: dict[str, list[int]]
+    """``MemoryTracker.op_log``: ``"phase|aten.op#i"`` -> [new storages, bytes]."""
+    steps: int
+    """Training steps traced (``predict.trace.TRACE_STEPS``)."""
+    at_peak: dict[str, int] = field(default_factory=dict)
+    """A corrected trace: bytes each corrected op output adds at the peak
+    (``_at_peak_by_op``); empty for a plain trace."""
+
+    @classmethod
+    def of(cls, tracker: Any, steps: int, corrected: bool) -> TracedLog:
+        return cls(int(tracker.peak_bytes), bool(tracker.uses_blas),
+                   {k: [int(n), int(b)] for k, (n, b) in tracker.op_log.items()}, steps,
+                   _at_peak_by_op(tracker) if corrected else {})
+
+
+LOG_PREFIX = "oplog-"
+LOG_STATS = {"hits": 0, "traced": 0}
+"""Traced logs this process read from the trace cache and traced (tests read them)."""
+
+
+def _log_path(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+              corrections: dict[str, int] | None) -> Path | None:
+    """``<trace cache>/oplog-<key>.json`` of this trace (None: no active cache). The key is
+    the trace cache's key of the candidate (spec, candidate, torch, device model, code), the
+    device the fake tensors live on and the corrections."""
+    from autofit.predict import cache as trace_cache
+
+    cache = trace_cache.active()
+    if cache is None:
+        return None
+    if model.kind == "cpu":
+        device = "cpu"  # known without importing torch
+    else:
+        from autofit.predict.cuda_native import trace_device
+
+        device = trace_device(model).type
+    tags = json.dumps({"device": device, "corrections": corrections or {}}, sort_keys=True)
+    key = f"{cache.key(spec, candidate, model)}-{hashlib.sha256(tags.encode()).hexdigest()[:16]}"
+    return cache.directory / f"{LOG_PREFIX}{key}.json"
+
+
+def _read_log(path: Path | None) -> TracedLog | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+        log = TracedLog(int(data["peak_bytes"]), bool(data["uses_blas"]),
+                        {str(k): [int(n), int(b)] for k, (n, b) in data["op_log"].items()},
+                        int(data["steps"]), {str(k): int(v) for k, v in (data.get("at_peak") or {}).items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable entry is a miss
+    LOG_STATS["hits"] += 1
+    return log
+
+
+def _write_log(path: Path | None, log: TracedLog) -> None:
+    if path is None:
+        return
+    try:
+        from autofit.files import write_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(asdict(log)))
+    except OSError:
+        pass  # a cache that cannot be written is only a slower run
+
+
+def traced_log(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+               corrections: dict[str, int] | None = None) -> TracedLog:
+    """The trace of ``candidate`` that a calibration compares with (``corrections``: the
+    corrected trace), from the active trace cache when it holds one, else traced and kept."""
+    path = _log_path(spec, candidate, model, corrections)
+    found = _read_log(path)
+    if found is not None:
+        return found
+    log = _trace_log(spec, candidate, model, corrections)
+    _write_log(path, log)
+    return log
+
+
+def _trace_log(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+               corrections: dict[str, int] | None) -> TracedLog:
+    from autofit.predict.trace import TRACE_STEPS, trace
+
+    tracker, _, _ = trace(spec, candidate, model, steps=TRACE_STEPS,
+                          corrections=corrections or None)
+    LOG_STATS["traced"] += 1
+    return TracedLog.of(tracker, TRACE_STEPS, bool(corrections))
+
+
+class PendingTrace:
+    """The plain trace a calibration of ``candidate`` will need, traced in a thread now (a
+    probe trial runs in its own process meanwhile: the two overlap). ``get`` waits for it.
+
+    Only while this process does nothing else with torch until ``get`` (the thread is the
+    one tracing); nothing is started when the active trace cache already holds the log.
+    """
+
+    def __init__(self, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel) -> None:
+        import contextvars
+        import threading
+
+        self.candidate = candidate
+        self.model_kind = model.kind
+        self._path = _log_path(spec, candidate, model, None)
+        self._log: TracedLog | None = _read_log(self._path) if self._path else None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if self._log is None:
+            context = contextvars.copy_context()  # the active trace cache, as the caller's
+            self._thread = threading.Thread(target=context.run, args=(self._run, spec, model),
+                                            name="autofit-calibration-trace", daemon=True)
+            self._thread.start()
+
+    def _run(self, spec: ExperimentSpec, model: DeviceModel) -> None:
+        try:
+            self._log = _trace_log(spec, self.candidate, model, None)
+            _write_log(self._path, self._log)
+        except BaseException as exc:  # noqa: BLE001 - raised again by get, in the caller
+            self._error = exc
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def get(self) -> TracedLog:
+        """The traced log (waits for the thread; raises what the trace raised)."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._log is not None
+        return self._log
+
+
 def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
               real_log: dict[str, list[int]], measured_bytes: int,
               store: CalibrationStore | None = None,
               measured_reserved: int | None = None, allocator_bytes: int | None = None,
-              allocator_op: str = "") -> Calibration:
+              allocator_op: str = "", traced: TracedLog | None = None) -> Calibration:
     """Compare a real run's allocation log with a trace of the same candidate, refit the
     setting's corrections (added to ``store`` when given) and return its calibration.
 
     ``measured_bytes`` is the run's peak as the device counts it (CPU: tracked live bytes;
     CUDA: ``max_memory_allocated``; ``measured_reserved`` its ``max_memory_reserved``).
     ``allocator_bytes``: CPU, the run's allocator-view peak (``AllocatorView``), and
-    ``allocator_op`` the op running at it.
+    ``allocator_op`` the op running at it. ``traced``: the plain trace of ``candidate``
+    when already at hand (``PendingTrace``); else ``traced_log`` reads or traces it.
     """
-    from autofit.predict.trace import TRACE_STEPS, trace
-
     store = store if store is not None else CalibrationStore()
     key = setting_key(candidate, model.kind)
     cal = store.calibrations.get(key) or Calibration(key)
     x = x_of(spec, candidate)
-    tracker, _, _ = trace(spec, candidate, model)
+    tracker = traced if traced is not None else traced_log(spec, candidate, model)
     traced_peak = model.allocated(tracker.peak_bytes, tracker.uses_blas)
-    diffs, one_sided = compare(tracker.op_log, real_log, traced_steps=TRACE_STEPS,
+    diffs, one_sided = compare(tracker.op_log, real_log, traced_steps=tracker.steps,
                                measured_bytes=measured_bytes)
     for diff in diffs:
         corr = cal.ops.get(diff.op) or OpCorrection(diff.op, phases=phases_of(real_log, diff.op))
@@ -549,9 +697,9 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
         cal.ops[diff.op] = corr
     corrections = cal.corrections(x)
     if corrections:
-        fixed, _, _ = trace(spec, candidate, model, corrections=corrections)
+        fixed = traced_log(spec, candidate, model, corrections)
         corrected_peak = model.allocated(fixed.peak_bytes, fixed.uses_blas)
-        at_peak = _at_peak_by_op(fixed)
+        at_peak = fixed.at_peak
         for op, corr in cal.ops.items():
             corr.at_peak_bytes = at_peak.get(op, 0)
     else:
@@ -610,16 +758,20 @@ def calibrate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
 
 
 def calibrate_from_trial(spec: ExperimentSpec, result: Any, model: DeviceModel,
-                         store: CalibrationStore) -> Calibration | None:
-    """Calibrate from a fitting trial that carries an allocation log (else None)."""
+                         store: CalibrationStore,
+                         pending: PendingTrace | None = None) -> Calibration | None:
+    """Calibrate from a fitting trial that carries an allocation log (else None).
+    ``pending``: the trial candidate's plain trace, started beside the trial."""
     if not getattr(result, "fits", False) or not getattr(result, "op_log", None) \
             or result.memory is None or not result.memory.peak_bytes:
         return None
     extra = getattr(result, "extra", None) or {}
+    traced = pending.get() if pending is not None and pending.candidate == result.candidate \
+        and pending.model_kind == model.kind else None
     return calibrate(spec, result.candidate, model, result.op_log, int(result.memory.peak_bytes),
                      store, measured_reserved=result.memory.reserved_bytes,
                      allocator_bytes=extra.get("allocator_peak_bytes"),
-                     allocator_op=str(extra.get("allocator_peak_op") or ""))
+                     allocator_op=str(extra.get("allocator_peak_op") or ""), traced=traced)
 
 
 def known_misreporting(op_log: dict[str, list[int]], spec: ExperimentSpec | None = None,

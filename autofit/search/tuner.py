@@ -94,25 +94,63 @@ def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resum
     return result
 
 
+def out_of_process(runner: Callable[..., TrialResult]) -> bool:
+    """Whether ``runner`` runs each trial in another process (``run_trial``, or a runner
+    marked ``out_of_process = True``): this process only waits meanwhile, so the probe
+    calibration's trace can run beside the trial (``calib.PendingTrace``)."""
+    return runner is run_trial or bool(getattr(runner, "out_of_process", False))
+
+
 def _calibrating(runner: Callable[..., TrialResult], store: calib.CalibrationStore,
                  out_dir: str | Path | None, search: Callable[[], Search | None]
                  ) -> Callable[..., TrialResult]:
-    """``runner`` that calibrates the trace on the first fitting trial of each setting key."""
+    """``runner`` that calibrates the trace on the first fitting trial of each setting key.
+
+    With an out-of-process runner, a trial that would calibrate if it fits (its setting key
+    not calibrated yet, predicted to fit) has its candidate's plain trace started beside it;
+    the calibration then reads that trace instead of tracing after the trial. The thread is
+    always waited for before this returns (nothing else traces meanwhile)."""
+    overlap = out_of_process(runner)
 
     def run(spec: ExperimentSpec, candidate: Any, **kwargs: Any) -> TrialResult:
-        result = runner(spec, candidate, **kwargs)
         s = search()
-        if s is not None:
-            calibrate_on(s, store, result, out_dir)
+        pending = _pending_trace(s, store, candidate) if overlap and s is not None else None
+        try:
+            result = runner(spec, candidate, **kwargs)
+            if s is not None:
+                calibrate_on(s, store, result, out_dir, pending=pending)
+        finally:
+            if pending is not None:
+                pending.join()
         return result
 
     return run
 
 
+def _pending_trace(search: Search, store: calib.CalibrationStore,
+                   candidate: Any) -> calib.PendingTrace | None:
+    """The plain trace ``calibrate_on`` would need if this trial fits, started now; None
+    when it would not calibrate (rank trial, key calibrated) or the trial is predicted not
+    to fit (a trace for a calibration that would then not happen)."""
+    from autofit.parallel import spec_for
+
+    model = search.plan.device_model
+    if spec_for(search.spec, candidate).parallel.strategy != "none" \
+            or calib.setting_key(candidate, model.kind) in store.calibrations:
+        return None
+    for setting, pred in search.predictions.items():
+        if setting.candidate(candidate.batch_size) == candidate:
+            if not 0 < candidate.batch_size <= pred.batch_size:
+                return None
+            return calib.PendingTrace(search.spec, candidate, model)
+    return None
+
+
 def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialResult,
-                 out_dir: str | Path | None) -> None:
+                 out_dir: str | Path | None, pending: calib.PendingTrace | None = None) -> None:
     """Calibrate from ``result`` unless its setting key already is; say what was corrected
-    and let the settings it covers be re-predicted when they are searched."""
+    and let the settings it covers be re-predicted when they are searched. ``pending``: the
+    trial candidate's plain trace, started beside the trial (``_calibrating``)."""
     model = search.plan.device_model
     if result.extra.get("world_size"):
         return  # a rank trial: its ops are local shards, the trace's are DTensor ops
@@ -120,7 +158,7 @@ def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialRes
             calib.setting_key(result.candidate, model.kind) in store.calibrations:
         return
     try:
-        cal = calib.calibrate_from_trial(search.spec, result, model, store)
+        cal = calib.calibrate_from_trial(search.spec, result, model, store, pending=pending)
     except AutofitError as exc:
         search.say(f"probe calibration skipped: {exc}", note=True)
         return
