@@ -5,6 +5,8 @@ A trace is a pure function of what it is keyed by:
 * the spec sections a trace reads (``model``, ``data``, ``loss``, ``optimizer``, ``step``,
   ``device``; not the budget, the search ranges, the targets or the output);
 * the candidate (batch, input size, precision, checkpoint segments, strategy of a list);
+* ``memory.cpu_limit: rlimit`` on CPU (its estimates name the ops whose scratch only the
+  allocator sees);
 * for DDP / FSDP2, the ``parallel`` plan (strategy, world size, options; ``parallel_key``);
 * the torch version and the device model (its kind and every constant);
 * the code: autofit's own sources and the files of the modules the spec names (model,
@@ -168,6 +170,7 @@ class TraceCache:
     _spec_keys: dict[int, str] = field(default_factory=dict)
 
     def key(self, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel) -> str:
+        from autofit.predict.calibrate import allocator_limited
         from autofit.version import __version__
 
         spec_key = self._spec_key(spec)
@@ -176,6 +179,9 @@ class TraceCache:
             "torch": torch_version(), "device_model": asdict(model),
             "autofit": [__version__, autofit_code_fingerprint()],
             **parallel_key(spec),
+            # the allocator as the limit adds lines naming ops it sees and the trace does not
+            # (``known_misreporting``); the budget limit's keys stay as they were
+            **({"cpu_limit": "rlimit"} if allocator_limited(spec, model.kind) else {}),
         }, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
