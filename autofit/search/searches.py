@@ -301,19 +301,56 @@ CPU_BUDGET_VERIFY_STEPS = 1
 shows the steady peak (optimizer state allocated) and the timed step after it repeats it."""
 
 
+def rank_timing(spec: ExperimentSpec, result: Any) -> tuple[int, str]:
+    """``(ranks, why)`` of a trial: ``ranks`` the processes it ran (1 for a single process);
+    ``why`` says why its per-rank peak may differ from run to run ("" when it may not).
+
+    Ranks exchange tensors through the backend's collectives, which finish on their own
+    thread: a rank can hold a collective's buffer a moment past the step's reference (seen:
+    +4.3% to +8.1% on one rank in about 1 run of 6). CPU rank trials settle the FSDP2
+    collectives (``autofit.parallel.settled_collectives``), so their peak is deterministic
+    only when every rank ran collectives through it and none stayed held; DDP's all-reduces
+    run inside its reducer, outside that wait, and show no such record."""
+    extra = getattr(result, "extra", None) or {}
+    world = int(extra.get("world_size") or 0)
+    if not world and spec.parallel.strategies != ("none",):
+        from autofit.parallel import spec_for
+
+        run = spec_for(spec, result.candidate)
+        world = run.world_size if run.parallel.strategy != "none" else 1
+    if world <= 1:
+        return 1, ""
+    collectives = extra.get("rank_collectives") or []
+    if len(collectives) != world or not all(c.get("calls") for c in collectives):
+        return world, ("its collectives did not all run settled (DDP's all-reduces run inside "
+                       "its reducer), so a rank's peak can vary with their timing")
+    held = sum(int(c.get("unsettled") or 0) for c in collectives)
+    if held:
+        return world, (f"{held} of its collectives were still held by the backend after the "
+                       f"wait, so a rank's peak can vary with their timing")
+    return world, ""
+
+
 def verification_steps(spec: ExperimentSpec, best: TrialRecord) -> tuple[int, str]:
     """How many timed steps the verification runs, and why (for the report).
 
     Under the CPU budget the tracker counts live tensor bytes of a deterministic step: from
     step 2 on (optimizer state allocated) every step repeats the same peak, so one timed step
-    after the warm-up proves as much as ``verify_steps``. On CUDA the caching allocator's
-    reserve and fragmentation can creep over steps, so ``verify_steps`` run in full; so they
-    do for max_throughput, whose answer is the verification's timing.
+    after the warm-up proves as much as ``verify_steps``. Not so for a multi-rank trial whose
+    collectives' timing can move its peak (``rank_timing``): it runs ``verify_steps`` in
+    full, in a run of its own. On CUDA the caching allocator's reserve and fragmentation can
+    creep over steps, so ``verify_steps`` run in full; so they do for max_throughput, whose
+    answer is the verification's timing.
     """
     steps = spec.search.verify_steps
     kind = LimitKind(best.result.limit_kind or "none")
     if spec.search.objective == Objective.MAX_THROUGHPUT:
         return steps, ""
+    ranks, varies = rank_timing(spec, best.result) if kind == LimitKind.CPU_BUDGET else (1, "")
+    if varies:
+        return steps, (f"verification: {steps} timed step{'s' if steps != 1 else ''} on {ranks} "
+                       f"ranks in a run of its own (the fitting search trial is not reused): "
+                       f"{varies}")
     if kind == LimitKind.CPU_BUDGET and steps > CPU_BUDGET_VERIFY_STEPS:
         return CPU_BUDGET_VERIFY_STEPS, (
             f"verification: {CPU_BUDGET_VERIFY_STEPS} timed step after the warm-up instead of "
@@ -329,19 +366,23 @@ def reusable_verification(spec: ExperimentSpec, best: TrialRecord, steps: int) -
     """Why the search trial ``best`` already is the verification ("" when it is not).
 
     Only under the CPU budget (deterministic from step 2 on), never for max_throughput (its
-    answer is the verification's timing) nor on CUDA (peaks can creep): the trial must have
-    fit and run at least as many steps past step 2 as the verification would (its warm-up
-    plus ``steps``), with the optimizer state in place."""
+    answer is the verification's timing) nor on CUDA (peaks can creep), nor for ranks whose
+    collectives' timing can move the peak (``rank_timing``): the trial must have fit and run
+    at least as many steps past step 2 as the verification would (its warm-up plus
+    ``steps``), with the optimizer state in place."""
     r = best.result
     if spec.search.objective == Objective.MAX_THROUGHPUT or not r.fits \
             or LimitKind(r.limit_kind or "none") != LimitKind.CPU_BUDGET \
-            or "optimizer state never appeared" in (r.warning or ""):
+            or "optimizer state never appeared" in (r.warning or "") \
+            or rank_timing(spec, r)[1]:
         return ""
     past_step_2 = r.steps_run - 2
     if past_step_2 < max(1, spec.search.warmup_steps + steps - 2):
         return ""
+    ranks = rank_timing(spec, r)[0]
+    on = f" on {ranks} ranks, every collective settled," if ranks > 1 else ""
     return (f"verification: the CPU budget's peak repeats from step 2; the search trial at "
-            f"batch {r.candidate.batch_size} ({r.candidate.label()}, trial {best.number}) ran "
+            f"batch {r.candidate.batch_size} ({r.candidate.label()}, trial {best.number}){on} ran "
             f"{past_step_2} step{'s' if past_step_2 != 1 else ''} past step 2: reused as the "
             f"verification, no trial run")
 
