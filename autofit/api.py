@@ -172,8 +172,14 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
         est = predict_estimate(spec, cand, plan.device_model, per_layer=per_layer)
         mb = None
         if max_batch and plan.limit_bytes:
-            mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
-                                   plan.device_model, plan.limit_bytes, known=[est])
+            from autofit.predict.trace import traced_ahead
+
+            # the search's last trace, guessed from this one, runs on a second core
+            # meanwhile (its first traces cannot: each batch follows from the one before)
+            with traced_ahead(spec, _likely_probe(spec, est, plan.limit_bytes),
+                              plan.device_model):
+                mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
+                                       plan.device_model, plan.limit_bytes, known=[est])
         per_strategy = (_per_strategy(spec, cand, plan, est, mb, max_batch)
                         if len(spec.parallel.strategies) > 1 else [])
     if not calibrate and store.find(cand, plan.device_model.kind) is None:
@@ -185,6 +191,25 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
                           {**vars(plan), "device_model": asdict(plan.device_model)})
     return EstimateResult(est, mb, plan, spec.memory.margin,
                           traces.to_dict() if traces is not None else None, lines, per_strategy)
+
+
+def _likely_probe(spec: ExperimentSpec, est: MemoryEstimate, limit_bytes: int) -> Candidate | None:
+    """The batch ``predict_max_batch`` most likely traces last, guessed from one trace: the
+    step above the largest batch under ``limit_bytes`` on the line through this trace's peak
+    and, at batch 0, its parameters, gradients and optimizer state. The search confirms its
+    answer with a trace there (the batch above it does not fit), and the guess is right when
+    the memory that grows with batch is activations and the fixed part is that state (the
+    shipped CPU configs; not a tiny batch whose peak is the optimizer step). None when there
+    is nothing to guess: the trace does not fit, or nothing grows with batch."""
+    rng, batch, parts = spec.search.batch_size, est.candidate.batch_size, est.breakdown
+    fixed = parts.params_bytes + parts.grads_bytes + parts.optimizer_state_bytes
+    if est.peak_bytes > limit_bytes or batch < 1 or est.peak_bytes <= fixed:
+        return None
+    per_sample = (est.peak_bytes - fixed) / batch
+    answer = min(rng.highest, int((limit_bytes - fixed) / per_sample)
+                 // rng.multiple_of * rng.multiple_of)
+    probe = answer if answer >= rng.highest else answer + rng.multiple_of
+    return est.candidate.with_batch(probe) if probe > batch else None
 
 
 def _per_strategy(spec: ExperimentSpec, cand: Candidate, plan: Plan, first: MemoryEstimate,

@@ -13,23 +13,30 @@ Every figure is the wall time of a fresh process, as a user sees it:
   (what the package did before its API was imported lazily);
 * ``autofit estimate CONFIG`` (one estimate plus the max-batch search) for each shipped CPU
   config: *before* = no trace cache and the regula-falsi max-batch search alone (the
-  per-stretch lines switched off in the process); *cold* = today's command with an empty cache;
+  per-stretch lines switched off in the process); *cold* = today's command with an empty cache
+  (median of ``--repeat`` runs), beside the same with every trace in its own process (no trace
+  forked ahead: ``trace.traced_ahead`` switched off), the two alternating;
   *warm* = the same command again (every trace from the cache);
 * ``autofit tune configs/quickstart_cpu.yaml`` the same three ways (fresh output dir each).
 
 * where a cold estimate's time goes, in one fresh process per config: Python and autofit's
-  imports, ``import torch``, ``import torch._dynamo`` (FakeTensorMode's constructor imports its
-  config), and each trace;
+  imports (the command's too: typer, rich), ``import torch``, ``import torch._dynamo``
+  (FakeTensorMode's constructor imports its config), each trace run in the process, the trace
+  forked ahead (its batch, its own time, how long the process waited for it), and the rest
+  (interpreter start, the spec, the answer-record lookup, the plan, the search's arithmetic;
+  no teardown: the process leaves with ``os._exit`` as the command does);
 * ``tune`` against the anchors on every ``scripts/bench_anchors.py`` case, with its runners
   (``run_autofit`` in this process, the anchors each in a fresh worker process, as there):
   autofit with no trace cache (cold) and with a warm one, Lightning binsearch and power,
   accelerate; and autofit cold once more with the CPU budget's verification run as its own
   trial (``searches.reusable_verification`` switched off in the process: what tune did before
-  it reused the search trial at the winner). Then, per case, where a cold run's real trials
+  it reused the search trial at the winner), and cold once more with the probe calibration's
+  trace taken after its trial (``tuner.out_of_process`` switched off in the process: what tune
+  did before that trace ran beside the trial). Then, per case, where a cold run's real trials
   spent their time: fork and result return (trial wall less the child's own time), model build,
   warm-up steps, timed steps, the rest of the child (spec, tracker, measurement), an OOM
   trial's steps up to its OOM, and the probe calibration that follows the first fitting trial in
-  the parent (a fresh trace of that batch, compared op by op with the trial). Every wall
+  the parent (the wait for the trace of that batch, compared op by op with the trial). Every wall
   time excludes Python start-up and imports (the anchors' workers time the search only;
   autofit's fork server is started and ready, its torch import done, and ``torch._dynamo``
   imported before the clock; one discarded autofit run absorbs the process's one-time costs,
@@ -63,6 +70,10 @@ BEFORE = ("import sys; import autofit.predict.batch_curve as bc; "
           "from autofit.cli import main; sys.argv = ['autofit', *sys.argv[1:]]; main()")
 WITH_TORCH = ("import sys, torch; from autofit.cli import main; "
               "sys.argv = ['autofit', *sys.argv[1:]]; main()")
+SERIAL = ("import contextlib, sys; import autofit.predict.trace as tr; "
+          "tr.traced_ahead = lambda *a, **k: contextlib.nullcontext(False); "
+          "from autofit.cli import main; sys.argv = ['autofit', *sys.argv[1:]]; main()")
+"""Today's command with every trace in this process (no forked trace ahead)."""
 
 
 def wall(cmd: list[str]) -> tuple[float, str]:
@@ -91,19 +102,31 @@ def traces_of(stdout: str) -> str:
 
 
 COLD_PHASES = """
-import json, sys, time
+import json, os, sys, tempfile, time
 t0 = time.perf_counter()
-import autofit.api
+import autofit.api, autofit.cli.app
 t1 = time.perf_counter()
 import torch
 t2 = time.perf_counter()
 import torch._dynamo
 t3 = time.perf_counter()
-r = autofit.api.estimate(sys.argv[1], cache=False)
+import autofit.predict.trace as tr
+take, ahead = tr._Ahead.take, []
+def timed(self, *a):
+    start = time.perf_counter()
+    est = take(self, *a)
+    if est is not None:
+        ahead.append([est.candidate.batch_size, time.perf_counter() - start, est.trace_time_s])
+    return est
+tr._Ahead.take = timed
+r = autofit.api.estimate(sys.argv[1], cache=tempfile.mkdtemp())
 t4 = time.perf_counter()
-traces = [e.trace_time_s for e in r.max_batch.estimates.values() if not e.derived]
+forked = {b for b, _, _ in ahead}
+traces = [e.trace_time_s for b, e in sorted(r.max_batch.estimates.items())
+          if not e.derived and b not in forked]
 print(json.dumps({"autofit": t1 - t0, "torch": t2 - t1, "dynamo": t3 - t2,
-                  "estimate": t4 - t3, "traces": traces}))
+                  "estimate": t4 - t3, "traces": traces, "ahead": ahead}), flush=True)
+os._exit(0)  # as the command: no interpreter teardown
 """
 
 
@@ -130,7 +153,8 @@ def main() -> None:
                         help="skip tune vs Lightning/accelerate on the bench_anchors cases")
     parser.add_argument("--no-three-axis", action="store_true", help="skip the 3-axis search")
     parser.add_argument("--cases", nargs="+", help="bench_anchors cases (default: all)")
-    parser.add_argument("--repeat", type=int, default=3, help="start-up runs (median)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="start-up runs, and cold estimates of each kind (median)")
     args = parser.parse_args()
     print(f"# bench_speed: {platform.machine()} {platform.processor() or ''}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load {load()}")
@@ -153,30 +177,45 @@ def startup_and_estimates(repeat: int) -> None:
     print("\n| start-up | with torch (before) s | now s | ratio |\n|---|---|---|---|")
     print(f"| autofit --help | {old[mid]:.2f} | {now[mid]:.2f} | {now[mid] / old[mid]:.2f} |")
 
-    print("\n| autofit estimate | before s (traces) | cold s (traces) | warm s | cold/before "
-          "| warm/before |\n|---|---|---|---|---|---|")
+    print("\n| autofit estimate | before s (traces) | cold, every trace here s | cold s (traces) "
+          "| warm s | cold/before | cold/every trace here | warm/before |"
+          "\n|---|---|---|---|---|---|---|---|")
     for name in CPU_CONFIGS:
         config = f"configs/{name}.yaml"
         with tempfile.TemporaryDirectory() as cache:
             before, out_b = wall(patched(BEFORE, "estimate", config, "--no-cache"))
-            cold, out_c = wall(autofit("estimate", config, "--cache-dir", cache))
-            warm, out_w = wall(autofit("estimate", config, "--cache-dir", cache))
+            serial, colds, out_c = [], [], ""
+            for i in range(repeat):  # alternating, so that load hits both alike
+                for kind in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    fresh = str(Path(cache) / f"{kind}-{i}")
+                    if kind == 0:
+                        serial.append(wall(patched(SERIAL, "estimate", config,
+                                                   "--cache-dir", fresh))[0])
+                    else:
+                        seconds, out_c = wall(autofit("estimate", config, "--cache-dir", fresh))
+                        colds.append(seconds)
+            warm, out_w = wall(autofit("estimate", config, "--cache-dir", fresh))
+        cold, alone = sorted(colds)[len(colds) // 2], sorted(serial)[len(serial) // 2]
         # a warm run misses only when autofit's sources changed in between (part of the key)
         hit = "" if "0 new trace(s)" in out_w else " (cache missed: sources changed)"
-        print(f"| {name} | {before:.2f} ({traces_of(out_b)}) | {cold:.2f} ({traces_of(out_c)}) "
-              f"| {warm:.2f}{hit} | {cold / before:.2f} | {warm / before:.2f} |")
-
-    print(f"\nload {load()}")
+        print(f"| {name} | {before:.2f} ({traces_of(out_b)}) | {alone:.2f} "
+              f"| {cold:.2f} ({traces_of(out_c)}) | {warm:.2f}{hit} | {cold / before:.2f} "
+              f"| {cold / alone:.2f} | {warm / before:.2f} |", flush=True)
+    print(f"\ncold: median of {repeat} runs each, alternating with the run that traces "
+          f"everything in its own process; load {load()}")
     print("\n| cold estimate, where the time goes (s) | total | python + autofit | import torch "
-          "| import torch._dynamo | traces (each) | rest |\n|---|---|---|---|---|---|---|")
+          "| import torch._dynamo | traces here (each) | forked trace: batch, its time, waited "
+          "| rest |\n|---|---|---|---|---|---|---|---|")
     for name in CPU_CONFIGS:
         p = cold_phases(f"configs/{name}.yaml")
         traced = sum(p["traces"])
-        rest = p["total"] - p["autofit"] - p["torch"] - p["dynamo"] - traced
+        waited = sum(w for _, w, _ in p["ahead"])
+        rest = p["total"] - p["autofit"] - p["torch"] - p["dynamo"] - traced - waited
         each = " + ".join(f"{t:.2f}" for t in p["traces"])
+        forked = ", ".join(f"{b}, {t:.2f}, {w:.2f}" for b, w, t in p["ahead"]) or "none taken"
         print(f"| {name} | {p['total']:.2f} | {p['autofit']:.2f} | {p['torch']:.2f} "
-              f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {rest:.2f} |")
-
+              f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {forked} | {rest:.2f} |")
+    print(f"\nload {load()}")
 
 
 def cli_tune() -> None:
@@ -208,6 +247,24 @@ def own_verification():  # type: ignore[no-untyped-def]
             yield
         finally:
             searches.reusable_verification = reuse
+
+    return off()
+
+
+def serial_calibration():  # type: ignore[no-untyped-def]
+    """A context: the probe calibration traces after its trial, not beside it."""
+    import contextlib
+
+    import autofit.search.tuner as tuner
+
+    @contextlib.contextmanager
+    def off():  # type: ignore[no-untyped-def]
+        beside = tuner.out_of_process
+        tuner.out_of_process = lambda runner: False
+        try:
+            yield
+        finally:
+            tuner.out_of_process = beside
 
     return off()
 
@@ -311,8 +368,9 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
     print("| case | autofit cold s | autofit warm s | autofit cold, own verification trial s "
           "| Lightning binsearch s | Lightning power s "
           "| accelerate s | cold / binsearch | warm / binsearch | own verification / binsearch "
+          "| autofit cold, calibration traced after the trial s | that / binsearch "
           "| batch: autofit / binsearch / power / accelerate | autofit pinned (b fits, b+1 OOM) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     splits: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
         run_autofit(A.case_spec(names[0]))  # discarded: the process's one-time costs
@@ -322,17 +380,25 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
                 own_verification():
             return run_autofit(spec)  # as cold, the verification its own trial
 
+    def serial(spec):  # type: ignore[no-untyped-def]
+        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
+                serial_calibration():
+            return run_autofit(spec)  # as cold, the calibration's trace after the trial
+
     for i, name in enumerate(names):
         spec = A.case_spec(name)
         split: list[dict] = []
         own_first = i % 2 == 1  # alternate, so that order effects hit both alike
         verify_own = own(spec) if own_first else None
+        after_trial = serial(spec) if not own_first else None
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
             with timed_trials(split):
                 cold = run_autofit(spec)  # an empty cache: every trace runs
             warm = run_autofit(spec)
         if verify_own is None:
             verify_own = own(spec)
+        if after_trial is None:
+            after_trial = serial(spec)
         splits[name] = split
         anchors = {kind: A.run_anchor(kind, name) for kind in
                    ("lightning-binsearch", "lightning-power", "accelerate")
@@ -352,12 +418,15 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
               f"| {cell(anchors['lightning-power'])} | {cell(anchors.get('accelerate'))} "
               f"| {cold['wall_s'] / binsearch:.2f} | {warm['wall_s'] / binsearch:.2f} "
               f"| {verify_own['wall_s'] / binsearch:.2f} "
+              f"| {cell(after_trial)} | {after_trial['wall_s'] / binsearch:.2f} "
               f"| {batches} | {_boundary(cold)} |", flush=True)
         print(f"<!-- {name}: autofit predict {cold.get('predict_s', 0):.1f} s of "
               f"{cold['wall_s']:.1f} s cold ({len(cold['trials'])} trials), "
               f"{warm.get('predict_s', 0):.1f} s of {warm['wall_s']:.1f} s warm; own "
               f"verification: {len(verify_own['trials'])} trials, returned "
               f"{verify_own.get('returned')}, run {'before' if own_first else 'after'} cold; "
+              f"calibration traced after the trial: returned {after_trial.get('returned')}, "
+              f"run {'after' if own_first else 'before'} cold; "
               f"load {load()} -->", flush=True)
     print("\n| cold autofit, where its real trials' time goes (s, summed over trials) | trials "
           "| trial wall | fork + return | model build | warm-up steps | timed steps | rest of "

@@ -445,3 +445,89 @@ def test_the_fork_server_preloads_only_the_frameworks_the_parent_loaded(monkeypa
     runner._server()
     assert seen and "transformers" in seen[0]
     assert set(seen[0]) == {n for n in forkserver.FRAMEWORKS if n in sys.modules}
+
+
+def test_the_last_trace_of_an_estimate_runs_ahead_in_a_forked_process(tmp_path: Path,
+                                                                       monkeypatch):
+    """After its first trace, ``estimate`` forks a process that traces the batch the search
+    will most likely trace last (the step above the answer) while this one traces the
+    second: the answer is the serial one, byte for byte, with 3 new traces in the cache. A
+    wrong guess, or a forked process that fails, changes nothing but who traces."""
+    import contextlib
+    import os
+    import threading
+
+    import autofit
+    import autofit.api as api
+    import autofit.predict.trace as tr
+    from autofit.predict.device_model import CPU
+
+    spec = autofit.as_spec({**TINY, "model": {"_target_": "autofit.zoo.gpt", "n_layer": 2,
+                                              "n_embd": 32, "n_head": 2, "vocab_size": 64,
+                                              "block_size": 64},
+                            "data": {"kind": "tokens", "vocab_size": 64, "seq_len": 64},
+                            "memory": {"budget": "16MiB", "margin": 0.10}})
+    if not tr._can_fork(spec, CPU):
+        pytest.skip("no fork here (not Linux, one CPU, or a thread running)")
+    forked: list[int] = []
+    taken: list[int] = []
+    fork, take = tr._Ahead.fork.__func__, tr._Ahead.take
+
+    def recorded_fork(cls: Any, *args: Any) -> Any:
+        ahead = fork(cls, *args)
+        forked.append(ahead.pid if ahead is not None else 0)
+        return ahead
+
+    def recorded_take(self: Any, *args: Any) -> Any:
+        est = take(self, *args)
+        if est is not None:
+            taken.append(est.candidate.batch_size)
+        return est
+
+    monkeypatch.setattr(tr._Ahead, "fork", classmethod(recorded_fork))
+    monkeypatch.setattr(tr._Ahead, "take", recorded_take)
+
+    def answer(result: Any) -> dict[str, Any]:
+        data = result.to_dict()
+        data.pop("trace_time_s"), data.pop("trace_cache")
+        return data
+
+    with monkeypatch.context() as serial_only:
+        serial_only.setattr(tr, "traced_ahead", lambda *a, **k: contextlib.nullcontext(False))
+        serial = autofit.estimate(spec, cache=False)
+    assert forked == [] and serial.max_batch.curve.points[-1][0] == serial.max_batch.batch_size + 1
+    ahead = autofit.estimate(spec, cache=tmp_path / "c")
+    assert len(forked) == 1 and taken == [serial.max_batch.batch_size + 1]
+    assert answer(ahead) == answer(serial)
+    assert ahead.cache["new"] == serial.max_batch.traces and ahead.cache["hits"] == 0
+    # every forked process is reaped when the estimate returns
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forked[0], os.WNOHANG)
+    # a wrong guess: the forked process is killed and reaped, the answer is the same
+    with monkeypatch.context() as wrong:
+        wrong.setattr(api, "_likely_probe", lambda s, e, limit: e.candidate.with_batch(4000))
+        assert answer(autofit.estimate(spec, cache=False)) == answer(serial)
+    assert len(forked) == 2 and len(taken) == 1
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forked[1], os.WNOHANG)
+    # the forked process fails: the trace runs here, same answer
+    parent, traced = os.getpid(), tr._traced
+
+    def failing_there(*args: Any, **kwargs: Any) -> Any:
+        if os.getpid() != parent:
+            raise RuntimeError("injected")
+        return traced(*args, **kwargs)
+
+    with monkeypatch.context() as failing:
+        failing.setattr(tr, "_traced", failing_there)
+        assert answer(autofit.estimate(spec, cache=False)) == answer(serial)
+    assert len(forked) == 3 and len(taken) == 1
+    # another Python thread running: no fork (it could hold a lock the copy waits on)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not tr._can_fork(spec, CPU)
+    finally:
+        stop.set()
+        other.join()

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -163,8 +164,8 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     """
     from autofit.parallel import spec_for
     from autofit.predict.calibrate import applied_for  # imports this module
-    from autofit.predict.distributed import estimate_rank  # imports this module
 
+    asked = spec
     spec = spec_for(spec, candidate)  # the candidate's strategy, from a parallel.strategy list
     rank = spec.parallel.strategy != "none"  # one rank of DDP / FSDP2 (keyed by its plan)
     calibration = None if rank else applied_for(spec, candidate, model.kind)
@@ -177,11 +178,183 @@ def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         hit = cache.get(key)
         if hit is not None:
             return hit
-    est = (estimate_rank(spec, candidate, model) if rank else
-           _estimate(spec, candidate, model, per_layer=per_layer, calibration=calibration))
+    ahead = _AHEAD.get()
+    est = ahead.take(asked, candidate, model) if ahead is not None and not per_layer else None
+    if est is None:
+        est = _traced(spec, candidate, model, rank=rank, per_layer=per_layer,
+                      calibration=calibration)
     if cache is not None:
         cache.put(key, est)
     return est
+
+
+def _traced(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *, rank: bool,
+            per_layer: bool, calibration: Any) -> MemoryEstimate:
+    """What ``estimate`` computes on a cache miss (``spec``: the candidate's own)."""
+    from autofit.predict.distributed import estimate_rank  # imports this module
+
+    return (estimate_rank(spec, candidate, model) if rank else
+            _estimate(spec, candidate, model, per_layer=per_layer, calibration=calibration))
+
+
+# ------------------------------------------------------------ a trace in a second process
+_AHEAD: ContextVar[_Ahead | None] = ContextVar("autofit_trace_ahead", default=None)
+
+
+@contextlib.contextmanager
+def traced_ahead(spec: ExperimentSpec, candidate: Candidate | None,
+                 model: DeviceModel) -> Iterator[bool]:
+    """Trace ``candidate`` in a process forked from this one while this one goes on.
+
+    Inside the block, ``estimate`` of that very candidate (same spec object and device
+    model, not per-layer, not in the trace cache) takes the forked process's answer, waiting
+    for it, instead of tracing; it is then stored in the cache as this run's new trace. The
+    forked process runs the same code on a copy of this one (same calibration, same torch
+    state), so the answer is the one a trace here would give; only ``trace_time_s`` is its
+    own. Anything wrong there (an error, no answer in time) and the trace runs here. A
+    candidate never asked for is the second core's lost trace: the process is killed on
+    leaving the block. Yields whether a process was forked.
+
+    Only where forking this process is safe and gains: Linux, fork allowed
+    (``AUTOFIT_START_METHOD``), at least two CPUs, one Python thread, no CUDA initialised,
+    fake CPU tensors (the forked process runs no real kernel), a single-process spec.
+    """
+    ahead = _Ahead.fork(spec, candidate, model) if candidate is not None else None
+    if ahead is None:
+        yield False
+        return
+    token = _AHEAD.set(ahead)
+    try:
+        yield True
+    finally:
+        _AHEAD.reset(token)
+        ahead.close()
+
+
+def _can_fork(spec: ExperimentSpec, model: DeviceModel) -> bool:
+    import os
+    import sys
+    import threading
+
+    from autofit.trials.forkserver import fork_enabled
+
+    if not (sys.platform.startswith("linux") and fork_enabled() and (os.cpu_count() or 1) > 1):
+        return False
+    if spec.parallel.strategies != ("none",) or trace_device(model).type != "cpu":
+        return False
+    # no other Python thread (one could hold a lock the copy would wait on forever); the
+    # native pools (BLAS, OpenMP) are forked over as the trial fork server forks them
+    return threading.active_count() == 1 and not torch.cuda.is_initialized()
+
+
+class _Ahead:
+    """One forked trace: its process and the read end of the pipe its answer comes by."""
+
+    def __init__(self, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
+                 pid: int, fd: int, started: float) -> None:
+        self.spec, self.candidate, self.model = spec, candidate, model
+        self.pid: int | None = pid
+        self.fd: int | None = fd
+        self.started = started
+
+    @classmethod
+    def fork(cls, spec: ExperimentSpec, candidate: Candidate, model: DeviceModel) -> _Ahead | None:
+        import os
+        import sys
+
+        if not _can_fork(spec, model):
+            return None
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        read, write = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            return None
+        if pid == 0:  # pragma: no cover - the forked process (coverage does not follow)
+            _serve_ahead(read, write, spec, candidate, model)
+        os.close(write)
+        return cls(spec, candidate, model, pid, read, time.perf_counter())
+
+    def take(self, spec: ExperimentSpec, candidate: Candidate,
+             model: DeviceModel) -> MemoryEstimate | None:
+        """The forked trace's answer when this is its candidate, else None (trace here)."""
+        if self.fd is None or spec is not self.spec or candidate != self.candidate \
+                or model != self.model:
+            return None
+        import json
+        import os
+        import select
+
+        chunks, fd = [], self.fd
+        # as long as a trace here could take, and more: only a stuck process times out
+        deadline = time.perf_counter() + max(60.0, 10 * (time.perf_counter() - self.started))
+        try:
+            while (left := deadline - time.perf_counter()) > 0:
+                if not select.select([fd], [], [], left)[0]:
+                    break
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError:
+            chunks = []
+        self.close()
+        try:
+            est = MemoryEstimate.from_dict(json.loads(b"".join(chunks)))
+        except (ValueError, KeyError, TypeError):
+            return None  # it failed or ran out of time: trace here (and report any error)
+        return est if est.candidate == candidate else None
+
+    def close(self) -> None:
+        """Stop the process if it still runs and reap it; close the pipe. Idempotent."""
+        import os
+        import signal
+
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(self.pid, 0)
+            self.pid = None
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def _serve_ahead(read: int, write: int, spec: ExperimentSpec, candidate: Candidate,
+                 model: DeviceModel) -> None:  # pragma: no cover - runs in the forked process
+    """The forked process: trace, send ``to_dict(full=True)`` down the pipe, exit (no
+    teardown, no atexit: those are the parent's)."""
+    import gc
+    import json
+    import os
+    import signal
+
+    code = 1
+    try:
+        os.close(read)
+        gc.freeze()  # the collector leaves the parent's objects alone: fewer pages copied
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # its warnings are the parent's to print
+            os.dup2(devnull, fd)
+        from autofit.parallel import spec_for
+        from autofit.predict.calibrate import applied_for
+
+        own = spec_for(spec, candidate)
+        est = _traced(own, candidate, model, rank=False, per_layer=False,
+                      calibration=applied_for(own, candidate, model.kind))
+        data = memoryview(json.dumps(est.to_dict(full=True)).encode())
+        while data:
+            data = data[os.write(write, data):]
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
