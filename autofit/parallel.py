@@ -262,45 +262,57 @@ def _use_counts(tensors: list[torch.Tensor]) -> list[int]:
     return [torch._C._storage_Use_Count(t.untyped_storage()._cdata) for t in tensors]
 
 
-def _settle(tensors: list[torch.Tensor], before: list[int], stats: dict[str, int]) -> None:
+def _settle(tensors: list[torch.Tensor], before: list[int], born: list[Any],
+            stats: dict[str, int]) -> None:
     """Wait (at most ``SETTLE_TIMEOUT_S``) until no storage of ``tensors`` has more users than
-    ``before``, its count before the collective: the backend's worker has released them."""
+    ``before``, its count before the collective (the backend's work, which holds views of them,
+    is gone), and every block in ``born`` is freed: storages a tracker first saw inside the
+    collective (gloo's reduce-scatter stages through a flat buffer its worker allocates and the
+    caller's ``wait()`` splits; the worker frees it with the work)."""
+    def released() -> bool:
+        return (all(now <= was for now, was in zip(_use_counts(tensors), before))
+                and all(block.free_seq is not None for block in born))
+
     stats["calls"] = stats.get("calls", 0) + 1
-    if all(now <= was for now, was in zip(_use_counts(tensors), before)):
+    if released():
         return
     stats["waited"] = stats.get("waited", 0) + 1
     deadline = time.perf_counter() + SETTLE_TIMEOUT_S
     while time.perf_counter() < deadline:
         time.sleep(0.0002)
-        if all(now <= was for now, was in zip(_use_counts(tensors), before)):
+        if released():
             return
     stats["unsettled"] = stats.get("unsettled", 0) + 1
 
 
 @contextlib.contextmanager
-def settled_collectives(stats: dict[str, int] | None = None) -> Iterator[dict[str, int]]:
+def settled_collectives(stats: dict[str, int] | None = None, *,
+                        tracker: MemoryTracker | None = None) -> Iterator[dict[str, int]]:
     """While open, the FSDP2 collectives (``torch.distributed.all_gather_single`` and
     ``reduce_scatter_single``, and their ``*_tensor`` forms) return, or their work's ``wait()``
-    returns, only once the backend holds none of their tensors any more: a tensor the step drops
-    after the collective is then freed when the step drops it, as in-step accounting (and the
-    prediction) assume. Used by CPU rank trials; ``stats`` counts calls, how many had to wait
-    and how many were still held after ``SETTLE_TIMEOUT_S``."""
+    returns, only once the backend holds none of their tensors any more, and (with ``tracker``)
+    once every storage the tracker first saw during the collective is freed: a tensor the step
+    drops after the collective is then freed when the step drops it, as in-step accounting (and
+    the prediction) assume. Used by CPU rank trials; ``stats`` counts calls, how many had to
+    wait and how many were still held after ``SETTLE_TIMEOUT_S``."""
     import torch.distributed as dist
 
     stats = {} if stats is None else stats
     originals = {name: getattr(dist, name) for name in SETTLED_COLLECTIVES if hasattr(dist, name)}
 
     class SettlingWork(dist.Work):  # type: ignore[misc]
-        def __init__(self, work: Any, tensors: list[torch.Tensor], before: list[int]) -> None:
+        def __init__(self, work: Any, tensors: list[torch.Tensor], before: list[int],
+                     mark: int) -> None:
             super().__init__()
-            self._work, self._tensors, self._before = work, tensors, before
+            self._work, self._tensors, self._before, self._mark = work, tensors, before, mark
 
         def wait(self, timeout: Any = None) -> bool:
             if self._work is None:
                 return True
             done = self._work.wait() if timeout is None else self._work.wait(timeout)
             self._work = None  # drop the caller's reference first: only the worker's is left
-            _settle(self._tensors, self._before, stats)
+            born = tracker.blocks[self._mark:] if tracker is not None else []
+            _settle(self._tensors, self._before, born, stats)
             self._tensors = []
             return bool(done) if done is not None else True
 
@@ -311,11 +323,18 @@ def settled_collectives(stats: dict[str, int] | None = None) -> Iterator[dict[st
         def call(*args: Any, **kwargs: Any) -> Any:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             before = _use_counts(tensors)
+            mark = len(tracker.blocks) if tracker is not None else 0
             asked_async = bool(kwargs.pop("async_op", False))
+            # the backend gets fresh views: whatever it keeps of them, even the tensor objects
+            # themselves, then counts as a user of the storage until it lets go
+            args = tuple(a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.view(v.shape) if isinstance(v, torch.Tensor) else v
+                      for k, v in kwargs.items()}
             work = original(*args, async_op=True, **kwargs)
+            del args, kwargs
             if work is None:  # not a member of the group: nothing ran
                 return None
-            settling_work = SettlingWork(work, tensors, before)
+            settling_work = SettlingWork(work, tensors, before, mark)
             del work
             if asked_async:
                 return settling_work

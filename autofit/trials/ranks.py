@@ -151,7 +151,8 @@ class _RankRun(TrialRun):
             stack.enter_context(track_resizes(self.tracker))
             if self.device.type == "cpu" and self.request.get("settle_collectives", True):
                 # gloo: see settled_collectives
-                self.result["collectives"] = stack.enter_context(settled_collectives())
+                self.result["collectives"] = stack.enter_context(
+                    settled_collectives(tracker=self.tracker))
             super().run_steps()
 
     def measure(self) -> None:
