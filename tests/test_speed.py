@@ -500,6 +500,10 @@ def test_the_last_trace_of_an_estimate_runs_ahead_in_a_forked_process(tmp_path: 
     assert len(forked) == 1 and taken == [serial.max_batch.batch_size + 1]
     assert answer(ahead) == answer(serial)
     assert ahead.cache["new"] == serial.max_batch.traces and ahead.cache["hits"] == 0
+    # its answer record names the forked trace too: the same estimate again traces nothing
+    warm = autofit.estimate(spec, cache=tmp_path / "c")
+    assert warm.cache["hits"] == ahead.cache["new"] and warm.cache["new"] == 0
+    assert answer(warm) == answer(serial) and len(forked) == 1
     # every forked process is reaped when the estimate returns
     with pytest.raises(ChildProcessError):
         os.waitpid(forked[0], os.WNOHANG)
