@@ -60,7 +60,7 @@ def validate(spec_path: SpecPath) -> None:
         tracker, params, seconds = trace(spec, cand, plan.device_model)
     except AutofitError as exc:
         fail(exc)
-    out.print(f"[green]ok[/green] {spec_path}: {spec.name!r}, {params:,} parameters, "
+    out.print(f"[green]ok[/green] {escape(str(spec_path))}: {escape(repr(spec.name))}, {params:,} parameters, "
               f"{len(settings)} setting(s) to search; two steps traced on fake tensors "
               f"in {seconds:.2f} s (peak {tracker.peak_bytes:,} bytes at batch {cand.batch_size})")
 
@@ -190,7 +190,7 @@ def tune(
         if partial is not None and partial.out_dir is not None:
             err.print(f"{len(partial.trials)} finished trial(s) kept in "
                       f"{partial.out_dir / 'results.json'} and the study; continue with: "
-                      f"autofit tune {spec_path} --out {partial.out_dir} --resume")
+                      f"autofit tune {spec_path} --out {partial.out_dir} --resume", markup=False)
         if isinstance(exc, TuneInterrupted):
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(code=130) from None
@@ -204,8 +204,8 @@ def tune(
         print((result.out_dir / "results.json").read_text(), end="")
         return
     print_tune_summary(out, result)
-    out.print(f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'tuned.yaml'} and "
-              f"{len(result.files) - 2} export files in {result.out_dir}"
+    out.print(escape(f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'tuned.yaml'} and "
+                     f"{len(result.files) - 2} export files in {result.out_dir}")
               + (f"; {escape(result.plot_note)}" if result.plot_note else ""))
 
 
@@ -224,7 +224,7 @@ def export(
     except AutofitError as exc:
         fail(exc)
     for path in written:
-        out.print(f"wrote {path}")
+        out.print(f"wrote {path}", markup=False)
     if any(path.suffix == ".sh" for path in written):
         from autofit.cli.report import print_dry_run_note
         from autofit.export import load_results

@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from autofit.errors import AutofitError
 
@@ -42,7 +43,7 @@ def fail(exc: AutofitError, note: str | None = None) -> NoReturn:
     """Print each problem on its own line to stderr (then ``note``) and exit with the
     error's code."""
     for line in exc.problems:
-        err.print(f"[red]error:[/red] {line}", markup=True)
+        err.print(f"[red]error:[/red] {escape(line)}", markup=True)
     if note:
         err.print(f"note: {note}", markup=False)
     raise typer.Exit(code=exc.exit_code)

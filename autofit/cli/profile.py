@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autofit.cli.common import (
@@ -124,7 +125,7 @@ def _print_header(console: Console, name: str, prof: Any, plan: Any, baseline: i
                       f"{format_bytes(prof.per_rank['peak_bytes'])}"
                       + (f" ({extras})" if extras else ""))
     for note in prof.notes:
-        console.print(f"[dim]{note}[/dim]")
+        console.print(f"[dim]{escape(note)}[/dim]")
 
 
 def _print_phases(console: Console, prof: Any) -> None:
@@ -154,7 +155,7 @@ def _print_modules(console: Console, prof: Any) -> None:
         for col in ("module", "type", "allocated", "saved for backward", "tensors"):
             table.add_column(col, justify="left" if col in ("module", "type") else "right")
         for m in shown:
-            table.add_row(m.module, m.kind, format_binary(m.allocated_bytes),
+            table.add_row(escape(m.module), escape(m.kind), format_binary(m.allocated_bytes),
                           format_binary(m.saved_bytes), str(m.tensors))
         console.print(table)
         if len(rows) > len(shown):
@@ -172,7 +173,7 @@ def _print_tensors(console: Console, prof: Any) -> None:
             made = f"{t.phase} {t.step}" if t.step else t.phase
             module = t.module or "-"
             table.add_row(str(tuple(t.shape)), t.dtype, format_binary(t.bytes), t.category,
-                          made, module)
+                          made, escape(module))
         console.print(table)
 
 
@@ -184,13 +185,13 @@ def _print_what_if(console: Console, plan: Any, knobs: list[Any], baseline: int)
             table.add_column(col, justify="left" if col in ("knob", "change") else "right")
         for k in knobs:
             if not k.applicable:
-                table.add_row(k.knob, k.change, f"[dim]{k.reason}[/dim]", "", "", "")
+                table.add_row(escape(k.knob), escape(k.change), f"[dim]{escape(k.reason)}[/dim]", "", "", "")
                 continue
             sign = "" if k.saving_bytes >= 0 else "-"
             color = "green" if k.saving_bytes > 0 else ("red" if k.saving_bytes < 0 else "dim")
             fits = ("-" if not plan.limit_bytes else
                     "yes" if k.predicted_peak_bytes <= plan.limit_bytes else "[red]no[/red]")
-            table.add_row(k.knob, k.change, format_binary(k.predicted_peak_bytes),
+            table.add_row(escape(k.knob), escape(k.change), format_binary(k.predicted_peak_bytes),
                           f"[{color}]{sign}{format_binary(abs(k.saving_bytes))}[/{color}]",
                           f"[{color}]{k.saving_pct:.1f}%[/{color}]", fits)
         console.print(table)

@@ -68,7 +68,7 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
         for col in ("module", "type", "params", "saved for backward", "cumulative"):
             table.add_column(col, justify="left" if col in ("module", "type") else "right")
         for row in est.layers:
-            table.add_row(row.name, row.kind, _mib(row.params_bytes), _mib(row.saved_bytes),
+            table.add_row(escape(row.name), escape(row.kind), _mib(row.params_bytes), _mib(row.saved_bytes),
                           _mib(row.cumulative_bytes))
         console.print(table)
     if max_batch is None:
@@ -110,8 +110,8 @@ def trial_line(record: TrialRecord) -> str:
         r.status.value, f"[red]{r.status.value}[/red]")
     speed = f"  {r.samples_per_s:,.1f} samples/s" if r.samples_per_s else ""
     resumed = " (resumed)" if record.resumed else ""
-    msg = f"  {r.message[:110]}" if r.status.value not in ("fits",) and r.message else ""
-    warn = f"  [yellow]{r.warning}[/yellow]" if r.warning else ""
+    msg = f"  {escape(r.message[:110])}" if r.status.value not in ("fits",) and r.message else ""
+    warn = f"  [yellow]{escape(r.warning)}[/yellow]" if r.warning else ""
     return (f"trial {record.number:>3} {record.purpose.value:<9} {r.candidate.label():<36} "
             f"pred {_mib(record.predicted_peak_bytes):>11}  meas {_mib(r.peak_bytes):>11}  "
             f"{status}  {r.wall_time_s:5.1f} s{speed}{resumed}{msg}{warn}")
@@ -119,7 +119,7 @@ def trial_line(record: TrialRecord) -> str:
 
 def print_trial(console: Console, result: TrialResult) -> None:
     console.print(f"[bold]trial[/bold] {result.candidate.label()}: {result.status.value}"
-                  + (f" — {result.message}" if result.message else ""))
+                  + (f" — {escape(result.message)}" if result.message else ""))
     if result.memory is not None and result.status.value == "fits":
         console.print(breakdown_table(result.memory, "measured memory at the peak", result.limit_bytes))
     if result.step_time_s:
@@ -129,7 +129,7 @@ def print_trial(console: Console, result: TrialResult) -> None:
                       f"{result.samples_per_s:,.1f} samples/s{units}; {result.steps_run} steps; "
                       f"limit kind {result.limit_kind}; overhead {result.overhead_s:.2f} s")
     if result.warning:
-        console.print(f"[yellow]warning:[/yellow] {result.warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
 
 
 def print_tune(console: Console, result: TuneResult) -> None:
@@ -184,7 +184,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
         if best.memory is not None:
             console.print(breakdown_table(best.memory, "memory of the winner (measured)", result.limit_bytes))
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     resumed = sum(1 for t in result.trials if t.resumed)
     console.print((f"{resumed} trials resumed from the study, " if resumed else "")
                   + f"{result.real_trials} real trials run now ({result.search_trials} to search, "
@@ -237,7 +237,7 @@ def print_dry_run_note(console: Console, results: dict[str, Any]) -> None:
 
     note = cpu_dry_run_note(results)
     if note:
-        console.print(f"[yellow]warning:[/yellow] {note}")
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 def print_tune_summary(console: Console, result: TuneResult) -> None:
@@ -253,7 +253,7 @@ def print_tune_summary(console: Console, result: TuneResult) -> None:
     plan = plan_batch(result.best.result.candidate.batch_size, o.nodes * o.gpus_per_node,
                       o.global_batch_size)
     for line in summarize_plan(plan) + targets_lines(result.targets):
-        console.print(line)
+        console.print(line, markup=False)
     if o.scripts:
         print_dry_run_note(console, {"device": result.device})
         if not train_command_given({"spec": result.spec.raw}, o):

@@ -28,7 +28,7 @@ def _report(result: object, as_json: bool) -> None:
         return
     print_tune_summary(out, result)  # type: ignore[arg-type]
     if result.out_dir is not None:  # type: ignore[attr-defined]
-        out.print(f"wrote {len(result.files)} files in {result.out_dir}"  # type: ignore[attr-defined]
+        out.print(f"wrote {len(result.files)} files in {escape(str(result.out_dir))}"  # type: ignore[attr-defined]
                   + (f"; {escape(result.plot_note)}" if result.plot_note else ""))  # type: ignore[attr-defined]
 
 
@@ -36,7 +36,7 @@ def _failed(exc: TuneFailed, spec_path: Path, hint: str) -> None:
     partial = exc.partial
     if partial is not None and partial.out_dir is not None:
         err.print(f"{len(partial.trials)} finished trial(s) kept in "
-                  f"{partial.out_dir / 'results.json'} and the study; {hint}")
+                  f"{partial.out_dir / 'results.json'} and the study; {hint}", markup=False)
     if isinstance(exc, TuneInterrupted):
         err.print("[yellow]interrupted[/yellow]")
         raise typer.Exit(code=130) from None
