@@ -484,6 +484,8 @@ def test_the_last_trace_of_an_estimate_runs_ahead_in_a_forked_process(tmp_path: 
             taken.append(est.candidate.batch_size)
         return est
 
+    idle_cpu = tr.idle_cpu
+    monkeypatch.setattr(tr, "idle_cpu", lambda: True)  # the mechanism, whatever the load
     monkeypatch.setattr(tr._Ahead, "fork", classmethod(recorded_fork))
     monkeypatch.setattr(tr._Ahead, "take", recorded_take)
 
@@ -526,6 +528,15 @@ def test_the_last_trace_of_an_estimate_runs_ahead_in_a_forked_process(tmp_path: 
         failing.setattr(tr, "_traced", failing_there)
         assert answer(autofit.estimate(spec, cache=False)) == answer(serial)
     assert len(forked) == 3 and len(taken) == 1
+    # a CPU busy with other work: no fork (it would slow this process's own traces)
+    assert idle_cpu("0.52 0.58 0.59 1/345 9001", cpus=2)
+    assert not idle_cpu("3.10 2.58 2.59 2/345 9001", cpus=2)
+    assert not idle_cpu("0.10 0.08 0.05 1/345 9001", cpus=1)
+    assert not idle_cpu("unreadable", cpus=4)
+    with monkeypatch.context() as busy:
+        busy.setattr(tr, "idle_cpu", lambda: False)
+        assert answer(autofit.estimate(spec, cache=False)) == answer(serial)
+    assert len(forked) == 4 and forked[-1] == 0 and len(taken) == 1
     # another Python thread running: no fork (it could hold a lock the copy waits on)
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)

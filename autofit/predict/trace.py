@@ -217,7 +217,8 @@ def traced_ahead(spec: ExperimentSpec, candidate: Candidate | None,
 
     Only where forking this process is safe and gains: Linux, fork allowed
     (``AUTOFIT_START_METHOD``), at least two CPUs, one Python thread, no CUDA initialised,
-    fake CPU tensors (the forked process runs no real kernel), a single-process spec.
+    fake CPU tensors (the forked process runs no real kernel), a single-process spec, and a
+    CPU idle at that moment (``idle_cpu``).
     """
     ahead = _Ahead.fork(spec, candidate, model) if candidate is not None else None
     if ahead is None:
@@ -247,6 +248,33 @@ def _can_fork(spec: ExperimentSpec, model: DeviceModel) -> bool:
     return threading.active_count() == 1 and not torch.cuda.is_initialized()
 
 
+def idle_cpu(loadavg: str | None = None, cpus: int | None = None) -> bool:
+    """Is a CPU idle right now for a second process? More CPUs usable here (affinity, a
+    cgroup v2 quota) than tasks running (``/proc/loadavg``'s 4th field, this one included).
+    On a machine busy with other work, a forked trace would only take CPU time from this
+    process's own traces (measured: the next trace here 2-3x slower)."""
+    import os
+
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        with contextlib.suppress(OSError, ValueError):
+            with open("/sys/fs/cgroup/cpu.max") as quota_file:
+                quota, period = quota_file.read().split()[:2]
+            if quota != "max":
+                cpus = min(cpus, int(quota) // max(int(period), 1))
+    try:
+        if loadavg is None:
+            with open("/proc/loadavg") as load_file:
+                loadavg = load_file.read()
+        running = int(loadavg.split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return cpus - running >= 1
+
+
 class _Ahead:
     """One forked trace: its process and the read end of the pipe its answer comes by."""
 
@@ -262,7 +290,7 @@ class _Ahead:
         import os
         import sys
 
-        if not _can_fork(spec, model):
+        if not _can_fork(spec, model) or not idle_cpu():
             return None
         for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
             with contextlib.suppress(OSError, ValueError):
