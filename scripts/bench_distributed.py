@@ -30,12 +30,13 @@ The same spec with no ``parallel`` section is tuned too, and the real trials of 
 are printed side by side. A trial fails on the peak of any step (as a device would); the
 prediction is read from step 2 on, so the scan shows both.
 
-**The repeat** (``--repeat N``): the same 2-rank fsdp trial of the scan's GPT (batch 4 per
-rank, fp32 and bf16 with 2 checkpoint segments) run N times with each collective settled
+**The repeat** (``--repeat N``): the same 2-rank fsdp trial of the scan's GPT (fp32 at batch 1
+and 4 per rank, bf16 with 2 checkpoint segments at batch 4) run N times with each collective settled
 (the default: it returns once gloo's worker thread has let go of its tensors) and N times
 without, interleaved; per run the two ranks' peaks from step 2 on minus the prediction, and how
-many of the ranks' collectives had to wait. Without the settle a rank's all-gather output can
-outlive the step's reference by a moment and show up in its peak.
+many of the ranks' collectives had to wait. Without the settle a rank's all-gather output, or
+the flat buffer gloo's reduce-scatter stages through, can outlive the step's reference by a
+moment and show up in its peak.
 
 Every process runs with ``OMP_NUM_THREADS=1``; the load average is printed with the timings.
 """
@@ -229,14 +230,13 @@ def repeat(runs: int) -> None:
     from autofit.trials.ranks import run_rank_trial
 
     spec = spec_for(SCAN_GPT, "fsdp", 2)
-    print(f"\nRepeated 2-rank fsdp trials, GPT {SCAN_GPT}, batch 4 per rank, {runs} runs each way "
-          f"(interleaved)\n")
-    print("| precision | ckpt | collectives | runs | both ranks exact | off runs: rank peak - "
+    print(f"\nRepeated 2-rank fsdp trials, GPT {SCAN_GPT}, {runs} runs each way (interleaved)\n")
+    print("| batch/rank | precision | ckpt | collectives | runs | both ranks exact | off runs: rank peak - "
           "predicted (bytes) | collectives that waited / run |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
-    for precision, segments in (("fp32", 0), ("bf16", 2)):
-        cand = Candidate(batch_size=4, input_size=SCAN_GPT["block_size"], precision=precision,
+    for batch, precision, segments in ((1, "fp32", 0), (4, "fp32", 0), (4, "bf16", 2)):
+        cand = Candidate(batch_size=batch, input_size=SCAN_GPT["block_size"], precision=precision,
                          checkpoint_segments=segments)
         predicted = estimate_rank(spec, cand, CPU).peak_bytes
         rows: dict[bool, list[tuple[list[int], int]]] = {True: [], False: []}
@@ -251,7 +251,7 @@ def repeat(runs: int) -> None:
             exact = sum(1 for diffs, _ in got if diffs and not any(diffs))
             off = sorted({d for diffs, _ in got for d in diffs if d})
             waits = (f"{sum(w for _, w in got) / len(got):.1f}" if settle else "-")
-            print(f"| {precision} | {segments} | {'settled' if settle else 'as gloo returns'} | "
+            print(f"| {batch} | {precision} | {segments} | {'settled' if settle else 'as gloo returns'} | "
                   f"{len(got)} | {exact} | {', '.join(f'{d:+,}' for d in off) or '-'} | {waits} |")
     print(f"\npredicted per-rank peak: the fake-PG trace; wall {time.perf_counter() - t0:.0f} s "
           f"({load()})")
