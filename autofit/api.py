@@ -97,6 +97,8 @@ class EstimateResult:
     per_strategy: list[dict[str, Any]] = field(default_factory=list)
     """``parallel.strategy`` lists several: one rank of each (``strategy``, ``world_size``,
     ``peak_bytes``, ``max_batch_size``), in spec order; ``estimate`` is the first's."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings on the answer (the max batch is ``search.batch_size.max``, not memory)."""
 
     def to_dict(self) -> dict[str, Any]:
         est, mb = self.estimate, self.max_batch
@@ -109,6 +111,7 @@ class EstimateResult:
             limit_bytes=self.plan.limit_bytes,
             layers=[vars(r) for r in est.layers] if est.layers else None,
             trace_cache=self.cache, calibration=self.calibration,
+            notes=self.plan.notes + self.notes,
         )
         if self.per_strategy:
             data["per_strategy"] = self.per_strategy
@@ -190,7 +193,19 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
         traces.put_answer(_answer_key(traces, spec, cand, device, max_batch, out_dir),
                           {**vars(plan), "device_model": asdict(plan.device_model)})
     return EstimateResult(est, mb, plan, spec.memory.margin,
-                          traces.to_dict() if traces is not None else None, lines, per_strategy)
+                          traces.to_dict() if traces is not None else None, lines, per_strategy,
+                          _cap_notes(spec, mb))
+
+
+def _cap_notes(spec: ExperimentSpec, mb: MaxBatchEstimate | None) -> list[str]:
+    """The note for a predicted max batch that ``search.batch_size.max`` set, not memory."""
+    from autofit.search.plan import batch_cap_note
+
+    if mb is None or not mb.batch_size:
+        return []
+    peak = mb.estimate.peak_bytes if mb.estimate is not None else None
+    note = batch_cap_note(spec, mb.batch_size, peak, mb.limit_bytes)
+    return [note] if note else []
 
 
 def _likely_probe(spec: ExperimentSpec, est: MemoryEstimate, limit_bytes: int) -> Candidate | None:
@@ -289,7 +304,8 @@ def _estimate_from_record(spec_like: SpecLike, knobs: dict[str, Any], device: st
             mb = predict_max_batch(spec, cand.with_batch(spec.search.batch_size.min),
                                    plan.device_model, plan.limit_bytes, known=[est],
                                    replay=known)
-    return EstimateResult(est, mb, plan, spec.memory.margin, traces.to_dict(), lines)
+    return EstimateResult(est, mb, plan, spec.memory.margin, traces.to_dict(), lines,
+                          notes=_cap_notes(spec, mb))
 
 
 def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,47 @@ def test_trial_line_notes_and_warnings_keep_bracketed_text():
     text = buf.getvalue()
     assert text.count("bad [shape] here") == 2
     assert text.count("see [docs]") == 2
+
+
+# 2. a batch stopped by search.batch_size.max is said to be the cap, not the memory maximum
+
+CAPPED = {**TINY, "name": "capped", "memory": {"budget": "64MiB", "margin": 0.1},
+          "search": {"batch_size": {"min": 1, "max": 64}, "steps_per_trial": 1,
+                     "verify_steps": 2},
+          "targets": [{"name": "A100-40GB", "memory": "40GiB"}]}
+CAP_NOTE = "batch 64 is search.batch_size.max, not a memory limit"
+
+
+def test_estimate_says_the_max_batch_is_the_search_cap(tmp_path: Path):
+    spec = write(tmp_path, {**CAPPED, "output": {"dir": str(tmp_path / "o")}})
+    for _ in range(2):  # the second answer comes from the trace cache's answer record
+        result = runner.invoke(app, ["estimate", str(spec)])
+        assert result.exit_code == 0, result.output
+        assert "predicted max batch 64" in result.output
+        assert CAP_NOTE in result.output
+    data = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).output)
+    assert any(CAP_NOTE in n for n in data["notes"])
+
+
+def test_estimate_under_the_cap_says_nothing_of_it(tmp_path: Path):
+    raw = {**CAPPED, "memory": {"budget": "1MiB", "margin": 0.1},
+           "search": {**CAPPED["search"], "batch_size": {"min": 1, "max": 4096}},
+           "output": {"dir": str(tmp_path / "o")}}
+    result = runner.invoke(app, ["estimate", str(write(tmp_path, raw))])
+    assert result.exit_code == 0, result.output
+    assert "predicted max batch 4096" not in result.output
+    assert "search.batch_size.max" not in result.output
+
+
+def test_tune_says_the_winner_and_targets_are_the_search_cap(tmp_path: Path):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["tune", str(write(tmp_path, CAPPED)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["best"]["batch_size"] == 64  # the answer itself is unchanged
+    assert any(CAP_NOTE in n for n in data["notes"]), data["notes"]
+    assert CAP_NOTE in result.output
+    (target,) = data["targets"]
+    assert target["batch_size"] == 64 and "search.batch_size.max" in target["note"]
+    assert "A100-40GB" in result.output and "capped by search.batch_size.max" in result.output
+    assert "search.batch_size.max" in (out / "targets.yaml").read_text()

@@ -95,7 +95,7 @@ def estimate(
 
     plan = result.plan
     print_estimate(out, result.estimate, result.max_batch, plan.budget_bytes, plan.limit_bytes,
-                   per_layer, plan.notes)
+                   per_layer, plan.notes + result.notes)
     from autofit.cli.report import strategy_lines
 
     for line in strategy_lines(result.per_strategy, result.estimate.candidate.batch_size):

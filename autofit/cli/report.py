@@ -202,6 +202,8 @@ def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
         status = ("FAILED" if t.get("failed") else
                   f"measured on {t.get('measured_on')}" if t.get("measured") else
                   "verified" if t.get("verified") else "predicted-only")
+        if t.get("batch_capped"):
+            status += "; capped by search.batch_size.max, not by memory"
         lines.append(f"target {t['name']} ({format_bytes(t['memory_bytes'])}): batch {t.get('batch_size')} "
                      f"{t.get('precision')} ckpt={t.get('checkpoint_segments')} ({status})")
     return lines

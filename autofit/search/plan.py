@@ -81,6 +81,20 @@ def choose_strategy(spec: ExperimentSpec) -> Strategy:
     return Strategy.OPTUNA if several and s.objective == Objective.MAX_THROUGHPUT else Strategy.BINARY
 
 
+def batch_cap_note(spec: ExperimentSpec, batch_size: int, peak_bytes: int | None,
+                   limit_bytes: int) -> str | None:
+    """The note for a largest batch that ``search.batch_size.max`` set, not memory (None
+    when the batch is under the cap): the search never tried past the cap, so the true
+    maximum is unknown."""
+    highest = spec.search.batch_size.highest
+    if batch_size < highest:
+        return None
+    used = (f" (its peak is {peak_bytes / limit_bytes:.1%} of the limit)"
+            if peak_bytes and limit_bytes else "")
+    return (f"batch {batch_size} is search.batch_size.max, not a memory limit{used}: raise "
+            f"search.batch_size.max to find the true maximum")
+
+
 def nothing_fits_message(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
                          sharding: str | None = None) -> str:
     """Why nothing fits, with the knobs left to turn (``sharding``: the model

@@ -23,7 +23,7 @@ from autofit.choices import LimitKind, Objective, Purpose, Strategy
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
 from autofit.search.events import Emit, Note
 from autofit.search.pinner import BatchPinner
-from autofit.search.plan import Plan
+from autofit.search.plan import Plan, batch_cap_note
 from autofit.search.results import SettingSummary, TrialRecord
 from autofit.search.study import Ledger, objective_value, propose_setting
 from autofit.spec import ExperimentSpec
@@ -166,6 +166,11 @@ def search_max_batch(search: Search, settings: list[Setting]) -> TrialRecord | N
         record = pin_setting(search, setting, asked)
         if record is not None and search.better(best, record):
             best = record
+    if best is not None:
+        note = batch_cap_note(search.spec, best.result.candidate.batch_size,
+                              best.result.peak_bytes, search.plan.limit_bytes)
+        if note:
+            search.say(note, note=True)
     return best
 
 

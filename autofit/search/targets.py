@@ -18,7 +18,7 @@ from autofit.predict.batch_curve import predict_max_batch
 from autofit.predict.calibrate import applied_for as calibration_applied
 from autofit.predict.device_model import CUDA_DEFAULT
 from autofit.search.events import Note, emitter
-from autofit.search.plan import Plan
+from autofit.search.plan import Plan, batch_cap_note
 from autofit.search.results import TrialRecord
 from autofit.spec import ExperimentSpec
 from autofit.trials.result import TrialResult, TrialStatus
@@ -56,6 +56,9 @@ def _target_entry(spec: ExperimentSpec, target: Any, best: Candidate, plan: Plan
         note += f"; trace corrected by the probe calibration ({ops})"
     if not entry["batch_size"]:
         note += "; does not fit even at the minimum batch"
+    elif cap := batch_cap_note(spec, entry["batch_size"], entry["predicted_peak_bytes"], usable):
+        note += f"; {cap}"
+        entry["batch_capped"] = True
     entry["note"] = note
     return entry, base, usable
 
