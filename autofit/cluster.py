@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from autofit.api import SpecLike, _plain, _plot, as_spec, tune_out_dir
@@ -27,6 +28,7 @@ from autofit.search.events import EventHandler
 from autofit.search.results import TuneResult
 from autofit.search.workers import (
     LEASE_S,
+    measured_trials,
     open_storage,
     run_worker,
     study_name,
@@ -153,6 +155,7 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
             if study_name(spec) in optuna.get_all_study_names(backend):
                 optuna.delete_study(study_name=study_name(spec), storage=backend)
         source = _spec_file(spec, path)
+        before = _measured_numbers(spec, url)  # a resumed study's: the rest are run now
         host = os.uname().nodename
         cpu_workers = sum(1 for d in devices if d is None or d == "cpu")
         if cpu_workers > 1:  # this worker's trials get their share of the cores too
@@ -160,11 +163,13 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
         # one trace cache for every worker here: a setting traced by one is not re-traced
         # by the worker that replays the search
         os.environ.setdefault(ENV_DIR, str(path / CACHE_DIR_NAME))
+        traces = cache_for(True, path)
+        traced = _trace_files(traces.directory) if traces is not None else 0
         procs = _start(source, url, devices, lease_s, host)
         relay = threading.Thread(target=_relay, args=(procs, say), daemon=True)
         relay.start()
         try:
-            with using(cache_for(True, path)):
+            with using(traces):
                 result = run_worker(spec, url, device=devices[0], on_event=on_event,
                                     worker_id=f"{host}/w0" + (f"@{devices[0]}" if devices[0] else ""),
                                     lease_s=lease_s)
@@ -172,6 +177,7 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
             _stop(procs)
             relay.join(timeout=5)
             if exc.partial is not None and exc.partial.trials:
+                _count_run_now(exc.partial, before)
                 write_files(exc.partial, path, error=str(exc))
             raise
         except BaseException:
@@ -182,7 +188,39 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
             if code != 0:
                 say(f"[{name}] exited with code {code}")
         relay.join(timeout=5)
+        _count_run_now(result, before)
+        if traces is not None:
+            result.notes.append(
+                f"{traces.summary()} in worker w0 (which replayed the search); "
+                f"{_trace_files(traces.directory) - traced} new trace file(s) there from all "
+                f"{len(devices)} worker(s)")
         return write_files(result, path)
+
+
+def _measured_numbers(spec: ExperimentSpec, url: str) -> set[int]:
+    """The numbers of the trials the spec's study holds before this command's workers start."""
+    import optuna
+
+    backend = open_storage(url)
+    if study_name(spec) not in optuna.get_all_study_names(backend):
+        return set()
+    study = optuna.load_study(study_name=study_name(spec), storage=backend)
+    return {t.number for t in measured_trials(study)}
+
+
+def _count_run_now(result: TuneResult, before: set[int]) -> None:
+    """Trials this command's workers measured are run now, whichever worker ran them (the
+    finishing worker marks only its own so); those the study held before are resumed."""
+    result.trials = [replace(t, resumed=t.number in before) for t in result.trials]
+    if result.best is not None:
+        result.best = replace(result.best, resumed=result.best.number in before)
+
+
+def _trace_files(directory: Path) -> int:
+    """Traces stored in a trace cache dir (answer records excluded)."""
+    if not directory.is_dir():
+        return 0
+    return sum(1 for p in directory.glob("*.json") if not p.name.startswith("estimate-"))
 
 
 def _stop(procs: list[tuple[str, subprocess.Popen]]) -> None:

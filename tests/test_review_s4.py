@@ -123,3 +123,53 @@ def test_tune_says_the_winner_and_targets_are_the_search_cap(tmp_path: Path):
     assert target["batch_size"] == 64 and "search.batch_size.max" in target["note"]
     assert "A100-40GB" in result.output and "capped by search.batch_size.max" in result.output
     assert "search.batch_size.max" in (out / "targets.yaml").read_text()
+
+
+# 3. `tune --workers`: every trial this command's workers measured is counted as run now
+
+
+def test_tune_workers_counts_the_other_workers_trials_as_run_now(tmp_path: Path, monkeypatch):
+    """Worker w1 (here run to the end before w0 starts, with the fake landscape) measures
+    every setting and finishes the study; w0 only assembles. Nothing was resumed: the
+    output dir was new, so every trial is this command's."""
+    import landscape
+
+    from autofit import cluster
+    from autofit.spec import load_spec
+
+    real_run_worker = cluster.run_worker
+    monkeypatch.setattr(cluster, "run_worker", lambda *a, **kw: real_run_worker(
+        *a, **{**kw, "runner": landscape.Landscape()}))
+
+    def start_w1(source, url, devices, lease_s, host):
+        real_run_worker(load_spec(source), url, worker_id=f"{host}/w1",
+                        runner=landscape.Landscape())
+        return []
+
+    monkeypatch.setattr(cluster, "_start", start_w1)
+    raw = landscape.make_raw(precision=["fp32"], checkpoint_segments=[0, 1])
+    raw["name"] = "workers-count"
+    spec = write(tmp_path, raw)
+    result = cluster.tune_workers(spec, workers=2, out_dir=tmp_path / "o")
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["trials"] and not any(t["resumed"] for t in data["trials"])
+    assert data["real_trials"] == len(data["trials"]) == result.real_trials
+    assert any(n.startswith("trace cache:") for n in data["notes"]), data["notes"]
+
+
+def test_tune_workers_resume_still_counts_earlier_trials_as_resumed(tmp_path: Path, monkeypatch):
+    import landscape
+
+    from autofit import cluster
+
+    real_run_worker = cluster.run_worker
+    monkeypatch.setattr(cluster, "run_worker", lambda *a, **kw: real_run_worker(
+        *a, **{**kw, "runner": landscape.Landscape()}))
+    monkeypatch.setattr(cluster, "_start", lambda *a: [])
+    raw = landscape.make_raw(precision=["fp32"], checkpoint_segments=[0])
+    raw["name"] = "workers-resume"
+    spec = write(tmp_path, raw)
+    first = cluster.tune_workers(spec, workers=1, out_dir=tmp_path / "o")
+    assert first.real_trials == len(first.trials) > 0
+    again = cluster.tune_workers(spec, workers=1, out_dir=tmp_path / "o")
+    assert again.real_trials == 0 and all(t.resumed for t in again.trials)
