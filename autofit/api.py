@@ -16,6 +16,7 @@ from typing import Any
 
 from autofit.candidate import Candidate
 from autofit.choices import Precision
+from autofit.device import check_device
 from autofit.errors import SpecError, TuneFailed, TuneInterrupted
 from autofit.export import load_results, write_exports, write_results
 from autofit.export.tuned import TunedConfig, load_tuned
@@ -145,6 +146,7 @@ def estimate(spec: SpecLike, *, batch_size: int | None = None, input_size: int |
     """
     knobs: dict[str, Any] = {"batch_size": batch_size, "input_size": input_size, "precision": precision,
              "segments": segments}
+    check_device(device)  # before an answer record could answer for it
     if cache is not False and not per_layer and not calibrate:
         answered = _estimate_from_record(spec, knobs, device, max_batch, cache)
         if answered is not None:
@@ -366,6 +368,7 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
     from autofit.trials.runner import run_trial
 
     spec = as_spec(spec)
+    check_device(device)
     directory = tune_out_dir(spec, out_dir)
     with locked_output_dir(directory, resume=resume, force=force) as path, \
             using_cache(cache_for(cache, path)) as traces:

@@ -14,6 +14,24 @@ from typing import Any
 from autofit.choices import LimitKind
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+"""The devices autofit runs on and models (a spec's ``device``, ``--device``)."""
+
+
+def is_device(value: object) -> bool:
+    """Is ``value`` one of ``DEVICES``?"""
+    return isinstance(value, str) and (value in ("auto", "cpu", "cuda") or (
+        value.startswith("cuda:") and value[5:].isdigit()))
+
+
+def check_device(device: str | None, what: str = "--device") -> None:
+    """Refuse a device override autofit does not run on (None: the spec's own)."""
+    from autofit.errors import SpecError
+
+    if device is not None and not is_device(device):
+        raise SpecError([f"{what}: must be {DEVICES}, got {device!r}"])
+
+
 def resolve_device(spec_device: str) -> str:
     """auto -> cuda if available, else cpu."""
     if spec_device != "auto":

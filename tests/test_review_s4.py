@@ -173,3 +173,38 @@ def test_tune_workers_resume_still_counts_earlier_trials_as_resumed(tmp_path: Pa
     assert first.real_trials == len(first.trials) > 0
     again = cluster.tune_workers(spec, workers=1, out_dir=tmp_path / "o")
     assert again.real_trials == 0 and all(t.resumed for t in again.trials)
+
+
+# 4. an unknown device is refused, never run as the CPU
+
+
+@pytest.mark.parametrize("command", [["estimate"], ["profile", "--no-what-if", "--no-plot"]])
+def test_cli_refuses_an_unknown_device(tmp_path: Path, command: list[str]):
+    spec = write(tmp_path, {**TINY, "output": {"dir": str(tmp_path / "o")}})
+    if command == ["estimate"]:  # an answer record of the same question must not bypass it
+        assert runner.invoke(app, ["estimate", str(spec)]).exit_code == 0
+    result = runner.invoke(app, [*command, str(spec), "--device", "tpu"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == ["error: --device: must be auto, cpu, cuda or cuda:N, got 'tpu'"], lines
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "CPU", ""])
+def test_api_refuses_an_unknown_device(tmp_path: Path, device: str):
+    import autofit
+    from autofit.errors import SpecError
+
+    raw = {**TINY, "output": {"dir": str(tmp_path / "o")}}
+    for call in (autofit.estimate, autofit.profile):
+        with pytest.raises(SpecError, match="must be auto, cpu, cuda or cuda:N"):
+            call(raw, device=device)
+    with pytest.raises(SpecError, match="must be auto, cpu, cuda or cuda:N"):
+        autofit.tune(raw, out_dir=tmp_path / "t", device=device)
+    assert not (tmp_path / "t").exists()
+
+
+def test_known_devices_still_pass_the_check():
+    from autofit.device import check_device
+
+    for device in (None, "auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        check_device(device)

@@ -69,7 +69,7 @@ def validate(spec_path: SpecPath) -> None:
 def estimate(
     spec_path: SpecPath, batch_size: BatchOpt = None, input_size: InputSizeOpt = None,
     precision: PrecisionOpt = None, segments: SegmentsOpt = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda: device model to apply")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N: device model to apply")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="per-module table")] = False,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
     calibrate: Annotated[bool, typer.Option(

@@ -41,7 +41,7 @@ MODULE_ROWS = 30
 def profile(
     spec_path: SpecPath, batch_size: BatchOpt = None, input_size: InputSizeOpt = None,
     precision: PrecisionOpt = None, segments: SegmentsOpt = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda: device model (and device for --real)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N: device model (and device for --real)")] = None,
     real: Annotated[bool, typer.Option("--real", help="measure real steps on the device instead of fake tensors")] = False,
     results: Annotated[Path | None, typer.Option("--results", help="a tune results.json: its trials and chosen config go on the batch plot")] = None,
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="where the PNGs go (default: <output.dir>/profile)")] = None,

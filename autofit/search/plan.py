@@ -8,7 +8,7 @@ from typing import Any
 
 from autofit.candidate import Setting
 from autofit.choices import Objective, Strategy
-from autofit.device import device_info, resolve_device
+from autofit.device import check_device, device_info, resolve_device
 from autofit.errors import AutofitError
 from autofit.predict.device_model import CPU, CUDA_DEFAULT, DeviceModel, device_model_for
 from autofit.spec import ExperimentSpec
@@ -38,6 +38,7 @@ def plan_limits(spec: ExperimentSpec, device: str | None = None, *,
     """
     import torch
 
+    check_device(device)
     device = device or resolve_device(spec.device)
     info = device_info(device)
     cuda = device.startswith("cuda")
