@@ -325,9 +325,19 @@ def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | No
     from autofit.trials.runner import run_trial
 
     spec = as_spec(spec)
+    problems = []
+    if steps is not None and steps < 1:
+        problems.append(f"--steps: must be >= 1, got {steps}")
+    if timeout_s is not None and not timeout_s > 0:
+        problems.append(f"--timeout: must be > 0, got {timeout_s:g}")
+    try:
+        cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
+                             precision=precision, segments=segments)
+    except SpecError as exc:
+        raise SpecError(exc.problems + problems) from None
+    if problems:
+        raise SpecError(problems)
     plan = plan_limits(spec)
-    cand = candidate_for(spec, batch_size=batch_size, input_size=input_size,
-                         precision=precision, segments=segments)
     return run_trial(spec, cand, limit_bytes=plan.limit_bytes, steps=steps,
                      timeout_s=timeout_s, device=plan.device)
 

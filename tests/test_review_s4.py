@@ -208,3 +208,27 @@ def test_known_devices_still_pass_the_check():
 
     for device in (None, "auto", "cpu", "cuda", "cuda:0", "cuda:12"):
         check_device(device)
+
+
+# 5. trial --steps and --timeout are range-checked
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--steps", "0"], "error: --steps: must be >= 1, got 0"),
+    (["--steps", "-2"], "error: --steps: must be >= 1, got -2"),
+    (["--timeout", "0"], "error: --timeout: must be > 0, got 0"),
+    (["--timeout", "-5"], "error: --timeout: must be > 0, got -5"),
+])
+def test_trial_refuses_out_of_range_steps_and_timeout(tmp_path: Path, flags: list[str], line: str):
+    result = runner.invoke(app, ["trial", str(write(tmp_path, TINY)), "-b", "1", *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [line]
+
+
+def test_trial_api_reports_both_range_problems_at_once(tmp_path: Path):
+    import autofit
+    from autofit.errors import SpecError
+
+    with pytest.raises(SpecError) as info:
+        autofit.trial(TINY, steps=0, timeout_s=-1)
+    assert len(info.value.problems) == 2
