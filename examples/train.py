@@ -8,7 +8,7 @@ fit, plus an ``autofit_tuned`` section) and launch scripts (``torchrun.sh``,
     output:
       train_command: examples/train.py --config tuned.yaml
 
-This script reads the tuned values with ``autofit.export.tuned.load_tuned``, builds the
+This script reads the tuned values with ``autofit.load_tuned``, builds the
 spec's model, optimizer and loss with ``autofit.build``, and runs ``--steps`` optimizer steps,
 each accumulating ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size``
 samples under the tuned precision (autocast; a GradScaler for fp16) and activation

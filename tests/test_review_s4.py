@@ -232,3 +232,41 @@ def test_trial_api_reports_both_range_problems_at_once(tmp_path: Path):
     with pytest.raises(SpecError) as info:
         autofit.trial(TINY, steps=0, timeout_s=-1)
     assert len(info.value.problems) == 2
+
+
+# 6. the reader that generated files name is importable as named
+
+
+def _named_readers(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\bautofit(?:\.\w+)*\.load_tuned\b", text))
+
+
+def _resolve_as_written(dotted: str):
+    """``a.b.c`` as a reader would follow it after ``import autofit``: attribute by attribute."""
+    import importlib
+
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for part in parts[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_generated_files_name_a_load_tuned_path_that_works(tmp_path: Path):
+    from test_export import RESULTS
+
+    import autofit
+    from autofit.export import write_exports
+    from autofit.export.results_io import tuned_yaml_text
+
+    texts = [tuned_yaml_text(RESULTS)]
+    texts += [p.read_text() for p in write_exports(RESULTS, tmp_path) if p.suffix == ".sh"]
+    named = set().union(*map(_named_readers, texts))
+    assert named, "the generated files name no reader"
+    for dotted in named:
+        assert _resolve_as_written(dotted) is autofit.load_tuned, dotted
+    example = (ROOT / "examples" / "train.py").read_text()
+    for dotted in _named_readers(example):
+        assert _resolve_as_written(dotted) is autofit.load_tuned, dotted

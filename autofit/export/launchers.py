@@ -191,7 +191,7 @@ def env_block(results: dict[str, Any], plan: BatchPlan) -> str:
     """``export AUTOFIT_...=...`` lines: the ``autofit_tuned`` values of tuned.yaml."""
     env = tuned_env(tuned_section(results, plan))
     lines = ["# Tuned values for the training script (read them from the environment, or",
-             "# AUTOFIT_TUNED_YAML with autofit.export.tuned.load_tuned: the same values)."]
+             "# AUTOFIT_TUNED_YAML with autofit.load_tuned: the same values)."]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     return "\n".join(lines) + "\n"
 

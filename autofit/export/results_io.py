@@ -133,7 +133,7 @@ def tuned_yaml_text(results: dict[str, Any]) -> str:
         f"checkpoint segments {tuned.checkpoint_segments}; peak {best.get('peak_bytes')} bytes; "
         f"verified: {best.get('verified')}",
         f"{AUTOFIT_TUNED_KEY}: what a training script runs (read it with "
-        "autofit.export.tuned.load_tuned); the rest is the spec pinned to the tuned values.",
+        "autofit.load_tuned); the rest is the spec pinned to the tuned values.",
     ])
     spec = tuned_spec(results["spec"], best)
     body = {AUTOFIT_TUNED_KEY: tuned_section(results, results_plan(results)), **spec}

@@ -16,7 +16,7 @@
 set -euo pipefail
 
 # Tuned values for the training script (read them from the environment, or
-# AUTOFIT_TUNED_YAML with autofit.export.tuned.load_tuned: the same values).
+# AUTOFIT_TUNED_YAML with autofit.load_tuned: the same values).
 export AUTOFIT_MICRO_BATCH_SIZE=8
 export AUTOFIT_GRAD_ACCUM_STEPS=4
 export AUTOFIT_GLOBAL_BATCH_SIZE=256
