@@ -270,3 +270,17 @@ def test_generated_files_name_a_load_tuned_path_that_works(tmp_path: Path):
     example = (ROOT / "examples" / "train.py").read_text()
     for dotted in _named_readers(example):
         assert _resolve_as_written(dotted) is autofit.load_tuned, dotted
+
+
+# 7. an estimate read from the trace cache does not claim it was traced now
+
+
+def test_estimate_says_a_cached_trace_came_from_the_cache(tmp_path: Path):
+    spec = write(tmp_path, {**TINY, "output": {"dir": str(tmp_path / "o")}})
+    first = runner.invoke(app, ["estimate", str(spec)])
+    assert first.exit_code == 0, first.output
+    assert "traced in" in first.output.splitlines()[0]
+    again = runner.invoke(app, ["estimate", str(spec)])
+    assert again.exit_code == 0, again.output
+    head = again.output.splitlines()[0]
+    assert "traced in" not in head and "read from the trace cache" in head, head

@@ -52,8 +52,10 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
                    budget_bytes: int, limit_bytes: int, per_layer: bool,
                    notes: list[str] | None = None) -> None:
     c = est.candidate
+    how = ("read from the trace cache" if est.cached
+           else f"traced in {est.trace_time_s:.2f} s")
     console.print(f"[bold]estimate[/bold] {c.label()} on {est.device_kind} "
-                  f"({est.param_count:,} parameters, traced in {est.trace_time_s:.2f} s)")
+                  f"({est.param_count:,} parameters, {how})")
     if getattr(est, "strategy", "none") != "none":  # autofit.predict.distributed.RankEstimate
         extras = ", ".join(f"{k.replace('_', ' ')} {format_binary(v)}"
                            for k, v in est.rank_bytes.items())
