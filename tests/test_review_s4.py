@@ -284,3 +284,29 @@ def test_estimate_says_a_cached_trace_came_from_the_cache(tmp_path: Path):
     assert again.exit_code == 0, again.output
     head = again.output.splitlines()[0]
     assert "traced in" not in head and "read from the trace cache" in head, head
+
+
+# 8. the shipped configs' headers say what the configs search
+
+_COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+_COUNTED = {"resolutions": "input_size", "sequence lengths": "input_size",
+            "precisions": "precision", "checkpointing settings": "checkpoint_segments"}
+
+
+def test_shipped_config_headers_count_what_the_config_lists():
+    import re
+
+    checked = 0
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        text = config.read_text()
+        header = " ".join(line.lstrip("# ") for line in text.splitlines()
+                          if line.startswith("#"))
+        search = yaml.safe_load(text).get("search", {})
+        for word, noun in re.findall(r"\b(one|two|three|four|five)\s+(" +
+                                     "|".join(_COUNTED) + r")\b", header):
+            listed = search.get(_COUNTED[noun])
+            listed = listed if isinstance(listed, list) else [listed]
+            assert len(listed) == _COUNTS[word], (config.name, word, noun, listed)
+            checked += 1
+    assert checked >= 1
+
