@@ -592,12 +592,34 @@ def test_the_pending_trace_is_the_trace_calibrate_takes(ws_spec, tmp_path, monke
         pending.get()
 
 
-def test_tune_traces_the_probe_beside_its_trial_and_reuses_it(tmp_path, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_a_trace_runs_beside_a_trial_only_where_it_takes_no_cpu_from_it(monkeypatch) -> None:
+    from autofit.predict import trace as trace_mod
+    from autofit.search.tuner import room_beside_trial
+
+    spec, fastest = spec_from_dict(WS_RAW), spec_from_dict(
+        {**WS_RAW, "search": {"objective": "max_throughput"}})
+    monkeypatch.setattr(trace_mod, "idle_cpu", lambda: True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert room_beside_trial(spec, "cpu") and room_beside_trial(fastest, "cuda")
+    assert not room_beside_trial(fastest, "cpu")  # its trials' step times pick the answer
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert not room_beside_trial(spec, "cpu") and room_beside_trial(spec, "cuda")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # torch takes every core
+    assert not room_beside_trial(spec, "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(trace_mod, "idle_cpu", lambda: False)  # a busy machine
+    assert not room_beside_trial(spec, "cpu")
+
+
+def test_tune_traces_the_probe_beside_its_trial_and_reuses_it(tmp_path, monkeypatch, one_thread) -> None:  # type: ignore[no-untyped-def]
     """Trials in their own process (``run_trial``): the calibration's trace runs beside the
     probe trial, with the same calibration and trials as the in-process tune; a second tune
     on the same trace cache calibrates without tracing."""
+    from autofit.search import tuner
     from autofit.search.tuner import out_of_process, run_search
     from autofit.trials import runner
+
+    monkeypatch.setattr(tuner, "room_beside_trial", lambda spec, kind: True)  # an idle machine
 
     raw = {**WS_RAW, "memory": {"budget": "4MiB", "margin": 0.0},
            "search": {"batch_size": {"min": 8, "max": 4096}, "verify_steps": 2}}

@@ -107,7 +107,8 @@ def _calibrating(runner: Callable[..., TrialResult], store: calib.CalibrationSto
     """``runner`` that calibrates the trace on the first fitting trial of each setting key.
 
     With an out-of-process runner, a trial that would calibrate if it fits (its setting key
-    not calibrated yet, predicted to fit) has its candidate's plain trace started beside it;
+    not calibrated yet, predicted to fit) has its candidate's plain trace started beside it
+    where there is room (``room_beside_trial``);
     the calibration then reads that trace instead of tracing after the trial. The thread is
     always waited for before this returns (nothing else traces meanwhile)."""
     overlap = out_of_process(runner)
@@ -136,7 +137,8 @@ def _pending_trace(search: Search, store: calib.CalibrationStore,
 
     model = search.plan.device_model
     if spec_for(search.spec, candidate).parallel.strategy != "none" \
-            or calib.setting_key(candidate, model.kind) in store.calibrations:
+            or calib.setting_key(candidate, model.kind) in store.calibrations \
+            or not room_beside_trial(search.spec, model.kind):
         return None
     for setting, pred in search.predictions.items():
         if setting.candidate(candidate.batch_size) == candidate:
@@ -144,6 +146,25 @@ def _pending_trace(search: Search, store: calib.CalibrationStore,
                 return None
             return calib.PendingTrace(search.spec, candidate, model)
     return None
+
+
+def room_beside_trial(spec: ExperimentSpec, device_kind: str) -> bool:
+    """Whether a trace in this process can run beside a trial without slowing it: a CUDA
+    trial steps on the GPU; a CPU trial steps on torch's intra-op threads, so only with one
+    thread (``OMP_NUM_THREADS=1``; unset, torch takes every core) and a CPU idle now
+    (``trace.idle_cpu``), and never under ``max_throughput``, whose trials' step times decide
+    the answer. On a busy machine the trace would take CPU from the trial beside it (measured:
+    the wait saved, the wall unchanged)."""
+    import os
+
+    if device_kind == "cuda":
+        return True
+    if spec.search.objective == Objective.MAX_THROUGHPUT \
+            or os.environ.get("OMP_NUM_THREADS", "").strip() != "1":
+        return False
+    from autofit.predict.trace import idle_cpu
+
+    return idle_cpu()
 
 
 def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialResult,
