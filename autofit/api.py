@@ -342,6 +342,13 @@ def trial(spec: SpecLike, *, batch_size: int | None = None, input_size: int | No
                      timeout_s=timeout_s, device=plan.device)
 
 
+def check_restart(resume: bool, force: bool) -> None:
+    """``resume`` continues the study, ``force`` deletes it: one at most."""
+    if resume and force:
+        raise SpecError(["--resume and --force contradict each other (continue the study, "
+                         "or start over): pass one"])
+
+
 def tune_out_dir(spec: ExperimentSpec, out_dir: str | Path | None) -> Path:
     """``out_dir``, else the spec's ``output.dir`` (relative to the working directory)."""
     return Path(out_dir) if out_dir is not None else Path.cwd() / spec.output.dir
@@ -377,6 +384,7 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
     from autofit.search.tuner import run_search
     from autofit.trials.runner import run_trial
 
+    check_restart(resume, force)
     spec = as_spec(spec)
     check_device(device)
     directory = tune_out_dir(spec, out_dir)

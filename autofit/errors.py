@@ -22,9 +22,13 @@ class AutofitError(Exception):
 class SpecError(AutofitError):
     """The experiment spec is invalid. Holds every problem found, one line each."""
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
+    def __init__(self, problems: list[str], source: str | None = None, *,
+                 unread: bool = False) -> None:
         self._problems = list(problems)
         self.source = source
+        self.unread = unread
+        """The file is not a spec mapping (missing, unreadable, not YAML, empty, not a
+        mapping): nothing in it was checked."""
         super().__init__("\n".join(self._problems))
 
     @property

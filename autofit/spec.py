@@ -987,7 +987,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>", lines: dict | None = None, 
     p = _Problems(source, lines or {})
     if not isinstance(raw, dict):
         p.add((), f"the spec must be a YAML mapping, got {type(raw).__name__}")
-        raise SpecError(p.items, source)
+        raise SpecError(p.items, source, unread=True)
     _check_keys(p, (), raw, TOP_LEVEL_KEYS)
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str) or not name.strip():
@@ -1061,13 +1061,13 @@ def load_spec(path: str | Path, *, check_imports: bool = True) -> ExperimentSpec
     path = Path(path)
     source = str(path)
     if not path.exists():
-        raise SpecError([f"{source}: file not found"], source)
+        raise SpecError([f"{source}: file not found"], source, unread=True)
     if path.is_dir():
-        raise SpecError([f"{source}: is a directory, expected a YAML file"], source)
+        raise SpecError([f"{source}: is a directory, expected a YAML file"], source, unread=True)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([f"{source}: cannot read: {exc}"], source) from None
+        raise SpecError([f"{source}: cannot read: {exc}"], source, unread=True) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -1075,9 +1075,9 @@ def load_spec(path: str | Path, *, check_imports: bool = True) -> ExperimentSpec
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([f"{source}{line}: invalid YAML: {problem}"], source) from None
+        raise SpecError([f"{source}{line}: invalid YAML: {problem}"], source, unread=True) from None
     if raw is None:
-        raise SpecError([f"{source}: the file is empty"], source)
+        raise SpecError([f"{source}: the file is empty"], source, unread=True)
     lines = _line_map(node) if node is not None else {}
     spec = spec_from_dict(raw, source, lines, check_imports=check_imports)
     return replace(spec, source_path=str(path.resolve()))

@@ -310,3 +310,44 @@ def test_shipped_config_headers_count_what_the_config_lists():
             checked += 1
     assert checked >= 1
 
+
+
+# 9. rough edges
+
+
+@pytest.mark.parametrize("content", [None, "name: [unclosed\n", "", "- a\n- b\n"],
+                         ids=["missing", "malformed", "empty", "list"])
+def test_validate_of_an_unreadable_file_has_no_import_path_note(tmp_path: Path, content):
+    path = tmp_path / "exp.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "import paths" not in result.output
+
+
+def test_validate_of_a_bad_structure_keeps_the_import_path_note(tmp_path: Path):
+    result = runner.invoke(app, ["validate", str(write(tmp_path, {**TINY, "device": "gpu"}))])
+    assert result.exit_code == 2, result.output
+    assert "note: import paths" in result.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "1"]])
+def test_tune_refuses_resume_with_force(tmp_path: Path, extra: list[str]):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["tune", str(write(tmp_path, TINY)), "--out", str(out),
+                                 "--resume", "--force", *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --resume and --force contradict each other (continue the study, or start "
+        "over): pass one"]
+    assert not out.exists()
+
+
+def test_tune_api_refuses_resume_with_force(tmp_path: Path):
+    import autofit
+    from autofit.errors import SpecError
+
+    with pytest.raises(SpecError, match="contradict"):
+        autofit.tune(TINY, out_dir=tmp_path / "o", resume=True, force=True)

@@ -46,8 +46,8 @@ def validate(spec_path: SpecPath) -> None:
     try:  # the spec's own structure first: a bad spec is answered without importing torch
         load_spec(spec_path, check_imports=False)
     except SpecError as exc:
-        fail(exc, note="import paths (model, optimizer, loss, step) are checked once the "
-                       "problems above are fixed")
+        fail(exc, note=None if exc.unread else "import paths (model, optimizer, loss, step) "
+                       "are checked once the problems above are fixed")
     from autofit.api import as_spec
     from autofit.predict.trace import trace
     from autofit.search.plan import plan_limits, settings_of
@@ -162,6 +162,12 @@ def tune(
     no_cache: NoCacheOpt = False, cache_dir: CacheDirOpt = None,
 ) -> None:
     """Search the largest configuration that fits; write results.json, tuned.yaml and scripts."""
+    from autofit.api import check_restart
+
+    try:
+        check_restart(resume, force)
+    except AutofitError as exc:
+        fail(exc)
     if workers is not None or gpus is not None:
         from autofit.cli.workers import tune_workers
 
