@@ -543,7 +543,8 @@ def test_a_repeated_calibration_reads_its_traces_from_the_cache(ws_spec, tmp_pat
         start = dict(C.LOG_STATS)
         first = C.calibrate_from_trial(ws_spec, real, CPU, C.CalibrationStore())
         assert C.LOG_STATS["traced"] - start["traced"] == 2  # plain, then corrected
-        assert len(list(tmp_path.glob(f"{C.LOG_PREFIX}*.json"))) == 2
+        assert len(list((tmp_path / C.LOG_DIR).glob("*.json"))) == 2
+        assert not list(tmp_path.glob("*.json"))  # beside the trace entries, not among them
         mid = dict(C.LOG_STATS)
         again = C.calibrate_from_trial(ws_spec, real, CPU, C.CalibrationStore())
         assert C.LOG_STATS["traced"] == mid["traced"]  # nothing traced

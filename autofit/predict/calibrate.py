@@ -30,8 +30,8 @@ targets use it.
 
 What a calibration reads of its traces (``TracedLog``: the peak, BLAS use, the allocation
 log; for a corrected trace the bytes each corrected op adds at the peak) is kept in the
-active trace cache (``oplog-<key>.json``, keyed as the trace cache keys a trace, plus the
-corrections), so a repeated setting calibrates without tracing, and without torch.
+active trace cache (``oplog/<key>.json`` in its directory, keyed as the trace cache keys a
+trace, plus the corrections; a subdirectory, so counts of the cache's trace files leave them out), so a repeated setting calibrates without tracing, and without torch.
 ``PendingTrace`` traces it in a thread while the probe trial runs in its own process.
 """
 
@@ -546,14 +546,14 @@ class TracedLog:
                    _at_peak_by_op(tracker) if corrected else {})
 
 
-LOG_PREFIX = "oplog-"
+LOG_DIR = "oplog"
 LOG_STATS = {"hits": 0, "traced": 0}
 """Traced logs this process read from the trace cache and traced (tests read them)."""
 
 
 def _log_path(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
               corrections: dict[str, int] | None) -> Path | None:
-    """``<trace cache>/oplog-<key>.json`` of this trace (None: no active cache). The key is
+    """``<trace cache>/oplog/<key>.json`` of this trace (None: no active cache). The key is
     the trace cache's key of the candidate (spec, candidate, torch, device model, code), the
     device the fake tensors live on and the corrections."""
     from autofit.predict import cache as trace_cache
@@ -569,7 +569,7 @@ def _log_path(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,
         device = trace_device(model).type
     tags = json.dumps({"device": device, "corrections": corrections or {}}, sort_keys=True)
     key = f"{cache.key(spec, candidate, model)}-{hashlib.sha256(tags.encode()).hexdigest()[:16]}"
-    return cache.directory / f"{LOG_PREFIX}{key}.json"
+    return cache.directory / LOG_DIR / f"{key}.json"
 
 
 def _read_log(path: Path | None) -> TracedLog | None:
