@@ -351,3 +351,21 @@ def test_tune_api_refuses_resume_with_force(tmp_path: Path):
 
     with pytest.raises(SpecError, match="contradict"):
         autofit.tune(TINY, out_dir=tmp_path / "o", resume=True, force=True)
+
+
+def test_readme_spec_block_lists_every_search_key():
+    import inspect
+    import re
+
+    from autofit import spec as spec_module
+
+    source = inspect.getsource(spec_module._load_search)
+    allowed = re.search(r"allowed = \(([^)]*)\)", source).group(1)
+    keys = re.findall(r'"(\w+)"', allowed)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    search = yaml.safe_load(block)["search"]
+    assert set(keys) <= set(search), set(keys) - set(search)
+    # the (>= 2) is warmup_steps' minimum, not steps_per_trial's (which is 1)
+    line = next(ln for ln in block.splitlines() if ln.strip().startswith("steps_per_trial:"))
+    assert ">= 2" not in line
