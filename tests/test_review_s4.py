@@ -369,3 +369,24 @@ def test_readme_spec_block_lists_every_search_key():
     # the (>= 2) is warmup_steps' minimum, not steps_per_trial's (which is 1)
     line = next(ln for ln in block.splitlines() if ln.strip().startswith("steps_per_trial:"))
     assert ">= 2" not in line
+
+
+NOFIT = {**TINY, "model": {"_target_": "autofit.zoo.mlp", "in_features": 32, "hidden": 256,
+                           "depth": 4, "out_features": 4},
+         "memory": {"budget": "64KiB", "margin": 0.5}}
+
+
+def test_estimate_with_nothing_fitting_says_so_and_exits_2_as_tune_does(tmp_path: Path):
+    spec = write(tmp_path, {**NOFIT, "output": {"dir": str(tmp_path / "o")}})
+    result = runner.invoke(app, ["estimate", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "predicted max batch 0" not in result.output
+    assert "batch curve" not in result.output  # one trace, no line through it
+    assert ("error: nothing fits: batch=1 fp32 is predicted to peak at 3.66 MiB (3.84 MB), over the "
+            "limit 32.00 KiB") in result.output
+    assert "Traceback" not in result.output
+    as_json = runner.invoke(app, ["estimate", str(spec), "--json"])
+    assert as_json.exit_code == 2
+    assert json.loads(as_json.stdout)["max_batch_size"] == 0
+    tuned = runner.invoke(app, ["tune", str(spec), "--out", str(tmp_path / "t")])
+    assert tuned.exit_code == 2 and "error: nothing fits" in tuned.output

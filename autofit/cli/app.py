@@ -88,8 +88,11 @@ def estimate(
                               calibrate=calibrate)
     except AutofitError as exc:
         fail(exc)
+    nothing_fits = result.max_batch is not None and result.max_batch.batch_size == 0
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
+        if nothing_fits:
+            raise typer.Exit(code=2)  # as tune: nothing fits
         return
     from autofit.cli.report import print_estimate
 
@@ -112,6 +115,10 @@ def estimate(
         out.print(f"calibration: {line}", markup=False)
     if (line := cache_line(result.cache)) is not None:
         out.print(line, markup=False)
+    if nothing_fits:
+        from autofit.cli.report import nothing_fits_line
+
+        fail(AutofitError(nothing_fits_line(result.max_batch, plan.limit_bytes)))
 
 
 @app.command()

@@ -76,6 +76,8 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
     if max_batch is None:
         console.print("max batch: unknown (memory.budget is 'auto' and the device is not here); "
                       "set memory.budget to predict it")
+    elif max_batch.batch_size == 0:
+        pass  # the command ends with nothing_fits_line, as tune does
     else:
         curve = max_batch.curve
         console.print(
@@ -89,6 +91,15 @@ def print_estimate(console: Console, est: MemoryEstimate, max_batch: MaxBatchEst
         )
     for note in notes or []:
         console.print(f"[yellow]warning:[/yellow] {escape(note)}")
+
+
+def nothing_fits_line(max_batch: MaxBatchEstimate, limit_bytes: int) -> str:
+    """``estimate`` when even the smallest batch is predicted not to fit (then it exits 2,
+    as ``tune`` does when nothing fits)."""
+    smallest = max_batch.estimates[min(max_batch.estimates)]
+    return (f"nothing fits: {smallest.candidate.label()} is predicted to peak at "
+            f"{format_bytes(smallest.peak_bytes)}, over the limit {format_bytes(limit_bytes)} "
+            f"(budget x (1 - margin))")
 
 
 def strategy_lines(rows: list[dict[str, Any]], batch_size: int) -> list[str]:
