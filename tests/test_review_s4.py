@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,15 @@ def test_tune_says_the_winner_and_targets_are_the_search_cap(tmp_path: Path):
 # 3. `tune --workers`: every trial this command's workers measured is counted as run now
 
 
+def _keep_environment(monkeypatch, tmp_path: Path) -> None:
+    """tune_workers sets the shared trace cache dir and thread count in os.environ (for the
+    worker processes it starts): undone after the test, so no other test reads this cache."""
+    from autofit.predict.cache import ENV_DIR
+
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
 def test_tune_workers_counts_the_other_workers_trials_as_run_now(tmp_path: Path, monkeypatch):
     """Worker w1 (here run to the end before w0 starts, with the fake landscape) measures
     every setting and finishes the study; w0 only assembles. Nothing was resumed: the
@@ -137,6 +147,7 @@ def test_tune_workers_counts_the_other_workers_trials_as_run_now(tmp_path: Path,
     from autofit import cluster
     from autofit.spec import load_spec
 
+    _keep_environment(monkeypatch, tmp_path)
     real_run_worker = cluster.run_worker
     monkeypatch.setattr(cluster, "run_worker", lambda *a, **kw: real_run_worker(
         *a, **{**kw, "runner": landscape.Landscape()}))
@@ -162,6 +173,7 @@ def test_tune_workers_resume_still_counts_earlier_trials_as_resumed(tmp_path: Pa
 
     from autofit import cluster
 
+    _keep_environment(monkeypatch, tmp_path)
     real_run_worker = cluster.run_worker
     monkeypatch.setattr(cluster, "run_worker", lambda *a, **kw: real_run_worker(
         *a, **{**kw, "runner": landscape.Landscape()}))
