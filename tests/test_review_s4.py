@@ -402,3 +402,30 @@ def test_estimate_with_nothing_fitting_says_so_and_exits_2_as_tune_does(tmp_path
     assert json.loads(as_json.stdout)["max_batch_size"] == 0
     tuned = runner.invoke(app, ["tune", str(spec), "--out", str(tmp_path / "t")])
     assert tuned.exit_code == 2 and "error: nothing fits" in tuned.output
+
+
+def test_one_real_trial_is_said_in_the_singular(tmp_path: Path):
+    raw = {**TINY, "search": {**TINY["search"], "batch_size": {"min": 1, "max": 1}}}
+    result = runner.invoke(app, ["tune", str(write(tmp_path, raw)), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "1 real trial run now (1 to search" in result.output, result.output[-600:]
+
+
+def test_trial_line_cuts_a_long_message_at_a_word_not_inside_one():
+    from autofit.candidate import Candidate
+    from autofit.choices import Purpose
+    from autofit.cli.report import trial_line
+    from autofit.search.results import TrialRecord
+    from autofit.trials import TrialResult, TrialStatus
+
+    message = ("out of memory: peak 241,591,911 bytes > limit 241,591,910 (allocation of "
+               "12,582,912 bytes in aten.mm during backward of module blocks.3.mlp.fc2)")
+    res = TrialResult(candidate=Candidate(batch_size=4, input_size=32), status=TrialStatus.OOM,
+                      message=message)
+    line = trial_line(TrialRecord(number=1, purpose=Purpose.REFINE, result=res,
+                                  predicted_peak_bytes=None, steps=2))
+    console, buf = _console()
+    console.print(line)
+    shown = buf.getvalue().split("oom", 1)[1].split("s  ", 1)[1].strip()
+    assert shown.endswith("…") and message.startswith(shown[:-1].rstrip())
+    assert message[len(shown[:-1].rstrip())] == " ", shown  # cut between words

@@ -117,13 +117,25 @@ def strategy_lines(rows: list[dict[str, Any]], batch_size: int) -> list[str]:
     return lines
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text`` cut at the last word boundary within ``width`` characters, marked with …"""
+    if len(text) <= width:
+        return text
+    cut = text[:width].rsplit(" ", 1)[0] if " " in text[:width] else text[:width]
+    return cut.rstrip(" ,;:(") + "…"
+
+
 def trial_line(record: TrialRecord) -> str:
     r = record.result
     status = {"fits": "[green]fits[/green]", "oom": "[yellow]oom[/yellow]"}.get(
         r.status.value, f"[red]{r.status.value}[/red]")
     speed = f"  {r.samples_per_s:,.1f} samples/s" if r.samples_per_s else ""
     resumed = " (resumed)" if record.resumed else ""
-    msg = f"  {escape(r.message[:110])}" if r.status.value not in ("fits",) and r.message else ""
+    msg = f"  {escape(_shorten(r.message, 110))}" if r.status.value not in ("fits",) and r.message else ""
     warn = f"  [yellow]{escape(r.warning)}[/yellow]" if r.warning else ""
     return (f"trial {record.number:>3} {record.purpose.value:<9} {r.candidate.label():<36} "
             f"pred {_mib(record.predicted_peak_bytes):>11}  meas {_mib(r.peak_bytes):>11}  "
@@ -199,11 +211,12 @@ def print_tune(console: Console, result: TuneResult) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     resumed = sum(1 for t in result.trials if t.resumed)
-    console.print((f"{resumed} trials resumed from the study, " if resumed else "")
-                  + f"{result.real_trials} real trials run now ({result.search_trials} to search, "
+    console.print((f"{_count(resumed, 'trial')} resumed from the study, " if resumed else "")
+                  + f"{_count(result.real_trials, 'real trial')} run now "
+                  f"({result.search_trials} to search, "
                   + ("the verification reused the one at the winner), "
                      if result.best is not None and result.best.reused else "the rest to verify), ")
-                  + f"{result.real_steps} training steps ({result.search_steps} to search), "
+                  + f"{_count(result.real_steps, 'training step')} ({result.search_steps} to search), "
                   f"prediction {result.predict_s:.1f} s, total {result.wall_time_s:.1f} s; "
                   f"budget {format_bytes(result.budget_bytes)}, margin {result.spec.memory.margin:.0%}, "
                   f"limit {format_bytes(result.limit_bytes)}")
