@@ -252,7 +252,7 @@ def idle_cpu(loadavg: str | None = None, cpus: int | None = None) -> bool:
     """Is a CPU idle right now for a second process? More CPUs usable here (affinity, a
     cgroup v2 quota) than tasks running (``/proc/loadavg``'s 4th field, this one included).
     On a machine busy with other work, a forked trace would only take CPU time from this
-    process's own traces (measured: the next trace here 2-3x slower)."""
+    process's own traces (measured at load 4-5: the next trace here about 2x slower)."""
     import os
 
     if cpus is None:
