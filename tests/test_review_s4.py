@@ -429,3 +429,12 @@ def test_trial_line_cuts_a_long_message_at_a_word_not_inside_one():
     shown = buf.getvalue().split("oom", 1)[1].split("s  ", 1)[1].strip()
     assert shown.endswith("…") and message.startswith(shown[:-1].rstrip())
     assert message[len(shown[:-1].rstrip())] == " ", shown  # cut between words
+
+
+def test_resume_with_nothing_to_resume_says_it_started_fresh(tmp_path: Path):
+    out = tmp_path / "never_made"
+    result = runner.invoke(app, ["tune", str(write(tmp_path, TINY)), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    note = "--resume: the study holds no finished trial; started fresh"
+    assert note in result.output
+    assert note in json.loads((out / "results.json").read_text())["notes"]

@@ -228,6 +228,8 @@ def _run_search(spec: ExperimentSpec, *, out_dir: str | Path | None, resume: boo
     if ledger.cache:
         search.say(f"resuming: {len(ledger.cache)} finished trials loaded from the study; "
                    f"none will be repeated")
+    elif resume:
+        search.say("--resume: the study holds no finished trial; started fresh", note=True)
     if runner is run_trial:
         prestart()  # the fork server's torch import overlaps the traces
     settings = settings_of(spec)
