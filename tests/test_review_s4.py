@@ -438,3 +438,12 @@ def test_resume_with_nothing_to_resume_says_it_started_fresh(tmp_path: Path):
     note = "--resume: the study holds no finished trial; started fresh"
     assert note in result.output
     assert note in json.loads((out / "results.json").read_text())["notes"]
+
+
+def test_results_from_a_journal_that_does_not_exist_leaves_no_file(tmp_path: Path):
+    journal = tmp_path / "nowhere" / "none.journal"
+    result = runner.invoke(app, ["results", str(write(tmp_path, TINY)), "--storage",
+                                 f"journal:{journal}", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "holds no study" in result.output and "(studies: none)" in result.output
+    assert not journal.exists() and not journal.parent.exists()

@@ -85,6 +85,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+def journal_path(url: str) -> str | None:
+    """The file of a journal storage URL (``journal:PATH`` or ``PATH``); None for an RDB URL."""
+    if url.startswith("journal:") or ("://" not in url):
+        return url[len("journal:"):] if url.startswith("journal:") else url
+    return None
+
+
 def open_storage(url: str) -> Any:
     """An optuna storage for ``url``: an RDB URL (``postgresql+psycopg://...``, ``sqlite:///...``)
     or a journal file (``journal:PATH``, or a path ending in ``.journal``).
@@ -94,10 +101,10 @@ def open_storage(url: str) -> Any:
     """
     import optuna
 
-    if url.startswith("journal:") or ("://" not in url):
+    path = journal_path(url)
+    if path is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = url[len("journal:"):] if url.startswith("journal:") else url
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             return JournalStorage(JournalFileBackend(path))
@@ -664,10 +671,14 @@ def open_worker_study(spec: ExperimentSpec, storage_url: str, *, create: bool,
     from autofit.search.study import _sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_url)
     name = name or study_name(spec)
     mine = study_name(spec)  # this spec's studies: its own and its targets' (``@<slug>``)
     where = describe_storage(storage_url)
+    journal = journal_path(storage_url)
+    if not create and journal is not None and not os.path.exists(journal):
+        # opening would create the file (and its dir) only to say it is empty
+        raise AutofitError(f"{where} holds no study {name!r} for this spec (studies: none)")
+    storage = open_storage(storage_url)
 
     def names() -> list[str]:
         return optuna.get_all_study_names(storage)
