@@ -9,13 +9,14 @@ exports from the study. ``work`` is one worker (``autofit worker``: join from an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,45 +157,68 @@ def tune_workers(spec: SpecLike, *, workers: int | None = None, gpus: Sequence[i
                 optuna.delete_study(study_name=study_name(spec), storage=backend)
         source = _spec_file(spec, path)
         before = _measured_numbers(spec, url)  # a resumed study's: the rest are run now
-        host = os.uname().nodename
         cpu_workers = sum(1 for d in devices if d is None or d == "cpu")
-        if cpu_workers > 1:  # this worker's trials get their share of the cores too
-            os.environ.setdefault("OMP_NUM_THREADS", _threads(cpu_workers))
+        defaults = {ENV_DIR: str(path / CACHE_DIR_NAME)}
         # one trace cache for every worker here: a setting traced by one is not re-traced
         # by the worker that replays the search
-        os.environ.setdefault(ENV_DIR, str(path / CACHE_DIR_NAME))
-        traces = cache_for(True, path)
-        traced = _trace_files(traces.directory) if traces is not None else 0
-        procs = _start(source, url, devices, lease_s, host)
-        relay = threading.Thread(target=_relay, args=(procs, say), daemon=True)
-        relay.start()
-        try:
-            with using(traces):
-                result = run_worker(spec, url, device=devices[0], on_event=on_event,
-                                    worker_id=f"{host}/w0" + (f"@{devices[0]}" if devices[0] else ""),
-                                    lease_s=lease_s)
-        except TuneFailed as exc:
-            _stop(procs)
-            relay.join(timeout=5)
-            if exc.partial is not None and exc.partial.trials:
-                _count_run_now(exc.partial, before)
-                write_files(exc.partial, path, error=str(exc))
-            raise
-        except BaseException:
-            _stop(procs)
-            raise
-        for name, proc in procs:
-            code = proc.wait()
-            if code != 0:
-                say(f"[{name}] exited with code {code}")
+        if cpu_workers > 1:  # this worker's trials get their share of the cores too
+            defaults["OMP_NUM_THREADS"] = _threads(cpu_workers)
+        with _environ_defaults(defaults):
+            return _run_workers(spec, path, source, url, devices, before, lease_s, say,
+                                on_event)
+
+
+@contextlib.contextmanager
+def _environ_defaults(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ.setdefault`` for each of ``values`` while open; the caller's environment
+    is as it was afterwards (an API call leaves no variables behind)."""
+    added = [key for key in values if key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _run_workers(spec: ExperimentSpec, path: Path, source: str, url: str,
+                 devices: list[str | None], before: set[int], lease_s: float,
+                 say: Callable[[str], None], on_event: EventHandler | None) -> TuneResult:
+    """The workers of ``tune_workers`` on one host, this process being worker w0."""
+    host = os.uname().nodename
+    traces = cache_for(True, path)
+    traced = _trace_files(traces.directory) if traces is not None else 0
+    procs = _start(source, url, devices, lease_s, host)
+    relay = threading.Thread(target=_relay, args=(procs, say), daemon=True)
+    relay.start()
+    try:
+        with using(traces):
+            result = run_worker(spec, url, device=devices[0], on_event=on_event,
+                                worker_id=f"{host}/w0" + (f"@{devices[0]}" if devices[0] else ""),
+                                lease_s=lease_s)
+    except TuneFailed as exc:
+        _stop(procs)
         relay.join(timeout=5)
-        _count_run_now(result, before)
-        if traces is not None:
-            result.notes.append(
-                f"{traces.summary()} in worker w0 (which replayed the search); "
-                f"{_trace_files(traces.directory) - traced} new trace file(s) there from all "
-                f"{len(devices)} worker(s)")
-        return write_files(result, path)
+        if exc.partial is not None and exc.partial.trials:
+            _count_run_now(exc.partial, before)
+            write_files(exc.partial, path, error=str(exc))
+        raise
+    except BaseException:
+        _stop(procs)
+        raise
+    for name, proc in procs:
+        code = proc.wait()
+        if code != 0:
+            say(f"[{name}] exited with code {code}")
+    relay.join(timeout=5)
+    _count_run_now(result, before)
+    if traces is not None:
+        result.notes.append(
+            f"{traces.summary()} in worker w0 (which replayed the search); "
+            f"{_trace_files(traces.directory) - traced} new trace file(s) there from all "
+            f"{len(devices)} worker(s)")
+    return write_files(result, path)
 
 
 def _measured_numbers(spec: ExperimentSpec, url: str) -> set[int]:

@@ -130,12 +130,12 @@ def test_tune_says_the_winner_and_targets_are_the_search_cap(tmp_path: Path):
 
 
 def _keep_environment(monkeypatch, tmp_path: Path) -> None:
-    """tune_workers sets the shared trace cache dir and thread count in os.environ (for the
-    worker processes it starts): undone after the test, so no other test reads this cache."""
+    """Neither the shared trace cache dir nor the thread count set: tune_workers sets them for
+    the workers it starts and must leave the caller's environment as it was."""
     from autofit.predict.cache import ENV_DIR
 
-    monkeypatch.setenv(ENV_DIR, str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
 
 def test_tune_workers_counts_the_other_workers_trials_as_run_now(tmp_path: Path, monkeypatch):
@@ -166,6 +166,9 @@ def test_tune_workers_counts_the_other_workers_trials_as_run_now(tmp_path: Path,
     assert data["trials"] and not any(t["resumed"] for t in data["trials"])
     assert data["real_trials"] == len(data["trials"]) == result.real_trials
     assert any(n.startswith("trace cache:") for n in data["notes"]), data["notes"]
+    from autofit.predict.cache import ENV_DIR
+
+    assert ENV_DIR not in os.environ and "OMP_NUM_THREADS" not in os.environ  # restored
 
 
 def test_tune_workers_resume_still_counts_earlier_trials_as_resumed(tmp_path: Path, monkeypatch):
