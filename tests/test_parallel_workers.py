@@ -9,6 +9,7 @@ import optuna
 import pytest
 from landscape import Landscape
 
+from autofit.predict.cache import TraceCache, using
 from autofit.search.tuner import run_search
 from autofit.search.workers import WORK_ATTR, duplicates, open_storage, run_worker, study_name
 from autofit.spec import spec_from_dict
@@ -43,9 +44,11 @@ def test_worker_queue_and_winner_with_a_strategy_list(objective, tmp_path, one_t
         raw["search"]["checkpoint_segments"] = [2]
     spec = spec_from_dict(raw)
     alone, shared = Recording(), Recording()
-    expected = run_search(spec, runner=alone)
     url = f"journal:{tmp_path / 's.journal'}"
-    result = run_worker(spec, url, runner=shared, poll_s=0.1, worker_id="w")
+    # one trace cache for both: the worker predicts what the single search predicted
+    with using(TraceCache(tmp_path / "traces")):
+        expected = run_search(spec, runner=alone)
+        result = run_worker(spec, url, runner=shared, poll_s=0.1, worker_id="w")
 
     study = optuna.load_study(study_name=study_name(spec), storage=open_storage(url))
     work = [t.user_attrs[WORK_ATTR] for t in study.trials if WORK_ATTR in t.user_attrs]
