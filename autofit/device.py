@@ -13,7 +13,6 @@ from typing import Any
 
 from autofit.choices import LimitKind
 
-
 DEVICES = "auto, cpu, cuda or cuda:N"
 """The devices autofit runs on and models (a spec's ``device``, ``--device``)."""
 

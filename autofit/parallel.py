@@ -269,8 +269,9 @@ def _settle(tensors: list[torch.Tensor], before: list[int], born: list[Any],
     is gone), and every block in ``born`` is freed: storages a tracker first saw inside the
     collective (gloo's reduce-scatter stages through a flat buffer its worker allocates and the
     caller's ``wait()`` splits; the worker frees it with the work)."""
+
     def released() -> bool:
-        return (all(now <= was for now, was in zip(_use_counts(tensors), before))
+        return (all(now <= was for now, was in zip(_use_counts(tensors), before, strict=True))
                 and all(block.free_seq is not None for block in born))
 
     stats["calls"] = stats.get("calls", 0) + 1
@@ -286,18 +287,17 @@ def _settle(tensors: list[torch.Tensor], before: list[int], born: list[Any],
 
 
 @contextlib.contextmanager
-def settled_collectives(stats: dict[str, int] | None = None, *,
-                        tracker: MemoryTracker | None = None) -> Iterator[dict[str, int]]:
+def settled_collectives(*, tracker: MemoryTracker | None = None) -> Iterator[dict[str, int]]:
     """While open, the FSDP2 collectives (``torch.distributed.all_gather_single`` and
     ``reduce_scatter_single``, and their ``*_tensor`` forms) return, or their work's ``wait()``
     returns, only once the backend holds none of their tensors any more, and (with ``tracker``)
     once every storage the tracker first saw during the collective is freed: a tensor the step
     drops after the collective is then freed when the step drops it, as in-step accounting (and
-    the prediction) assume. Used by CPU rank trials; ``stats`` counts calls, how many had to
-    wait and how many were still held after ``SETTLE_TIMEOUT_S``."""
+    the prediction) assume. Used by CPU rank trials; yields the counts of calls, of those
+    that had to wait and of those still held after ``SETTLE_TIMEOUT_S``."""
     import torch.distributed as dist
 
-    stats = {} if stats is None else stats
+    stats: dict[str, int] = {}
     originals = {name: getattr(dist, name) for name in SETTLED_COLLECTIVES if hasattr(dist, name)}
 
     class SettlingWork(dist.Work):  # type: ignore[misc]

@@ -179,7 +179,7 @@ def test_settled_collectives_leave_no_tensor_held_by_gloo(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
              for rank in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    for proc, text in zip(procs, outputs):
+    for proc, text in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, text
         held, calls, unsettled = map(int, text.split("RESULT")[1].split())
         assert (held, calls, unsettled) == (0, 60, 0), text

@@ -63,9 +63,9 @@ def test_nothing_fits_hint_keeps_its_precision_list(tmp_path: Path):
 
 
 def test_trial_line_notes_and_warnings_keep_bracketed_text():
-    from autofit.cli.report import print_trial, trial_line
     from autofit.candidate import Candidate
     from autofit.choices import Purpose
+    from autofit.cli.report import print_trial, trial_line
     from autofit.search.results import TrialRecord
     from autofit.trials import TrialResult, TrialStatus
 

@@ -193,13 +193,7 @@ class TraceCache:
         return spec_key
 
     def _write(self, name: str, text: str) -> None:
-        try:
-            from autofit.files import write_atomic
-
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.directory / name, text)
-        except OSError:
-            pass  # a cache that cannot be written is only a slower run
+        write_quietly(self.directory / name, text)
 
     def get(self, key: str) -> MemoryEstimate | None:
         from autofit.predict.estimates import MemoryEstimate
@@ -278,6 +272,18 @@ class TraceCache:
 
 
 _ACTIVE: ContextVar[TraceCache | None] = ContextVar("autofit_trace_cache", default=None)
+
+
+def write_quietly(path: Path, text: str) -> None:
+    """Write a cache file atomically, its directory made first; a cache that cannot be
+    written is only a slower run, so an OSError is swallowed."""
+    try:
+        from autofit.files import write_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except OSError:
+        pass
 
 
 def active() -> TraceCache | None:

@@ -587,15 +587,10 @@ def _read_log(path: Path | None) -> TracedLog | None:
 
 
 def _write_log(path: Path | None, log: TracedLog) -> None:
-    if path is None:
-        return
-    try:
-        from autofit.files import write_atomic
+    if path is not None:
+        from autofit.predict.cache import write_quietly
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(asdict(log)))
-    except OSError:
-        pass  # a cache that cannot be written is only a slower run
+        write_quietly(path, json.dumps(asdict(log)))
 
 
 def traced_log(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel,

@@ -311,8 +311,8 @@ def rank_timing(spec: ExperimentSpec, result: Any) -> tuple[int, str]:
     ``why`` says why its per-rank peak may differ from run to run ("" when it may not).
 
     Ranks exchange tensors through the backend's collectives, which finish on their own
-    thread: a rank can hold a collective's buffer a moment past the step's reference (seen:
-    +4.3% to +8.1% on one rank in about 1 run of 6). CPU rank trials settle the FSDP2
+    thread: unsettled, a rank can hold a collective's buffer a moment past the step's
+    reference (seen on gloo: +3.5% to +8.1% on a rank). CPU rank trials settle the FSDP2
     collectives (``autofit.parallel.settled_collectives``), so their peak is deterministic
     only when every rank ran collectives through it and none stayed held; DDP's all-reduces
     run inside its reducer, outside that wait, and show no such record."""
@@ -378,13 +378,12 @@ def reusable_verification(spec: ExperimentSpec, best: TrialRecord, steps: int) -
     r = best.result
     if spec.search.objective == Objective.MAX_THROUGHPUT or not r.fits \
             or LimitKind(r.limit_kind or "none") != LimitKind.CPU_BUDGET \
-            or "optimizer state never appeared" in (r.warning or "") \
-            or rank_timing(spec, r)[1]:
+            or "optimizer state never appeared" in (r.warning or ""):
         return ""
+    ranks, varies = rank_timing(spec, r)
     past_step_2 = r.steps_run - 2
-    if past_step_2 < max(1, spec.search.warmup_steps + steps - 2):
+    if varies or past_step_2 < max(1, spec.search.warmup_steps + steps - 2):
         return ""
-    ranks = rank_timing(spec, r)[0]
     on = f" on {ranks} ranks, every collective settled," if ranks > 1 else ""
     return (f"verification: the CPU budget's peak repeats from step 2; the search trial at "
             f"batch {r.candidate.batch_size} ({r.candidate.label()}, trial {best.number}){on} ran "

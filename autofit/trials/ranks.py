@@ -318,8 +318,8 @@ def _combine(candidate: Candidate, plan: Any, results: list[dict[str, Any]], wal
         "rank_peaks_from_step": [r.get("peak_from_step_bytes") for r in by_rank],
         "rank_status": [r.get("status") for r in by_rank],
     }
-    settled = [r.get("collectives") for r in by_rank if r.get("collectives")]
-    if settled:  # per rank: collectives run, waits for gloo's worker, still held after the wait
+    if any(r.get("collectives") for r in by_rank):
+        # per rank: collectives run, waits for gloo's worker, still held after the wait
         result.extra["rank_collectives"] = [
             {k: (r.get("collectives") or {}).get(k, 0) for k in ("calls", "waited", "unsettled")}
             for r in by_rank]
