@@ -15,13 +15,16 @@ Every figure is the wall time of a fresh process, as a user sees it:
   config: *before* = no trace cache and the regula-falsi max-batch search alone (the
   per-stretch lines switched off in the process); *cold* = today's command with an empty cache
   (median of ``--repeat`` runs), beside the same with every trace in its own process (no trace
-  forked ahead: ``trace.traced_ahead`` switched off), the two alternating;
+  forked ahead: ``trace.traced_ahead`` switched off), and beside the same with
+  ``torch._dynamo`` imported whole (``AUTOFIT_DEFER_DYNAMO=0``: what a trace paid before
+  ``predict.lazy_dynamo``), the three rotating;
   *warm* = the same command again (every trace from the cache);
 * ``autofit tune configs/quickstart_cpu.yaml`` the same three ways (fresh output dir each).
 
 * where a cold estimate's time goes, in one fresh process per config: Python and autofit's
-  imports (the command's too: typer, rich), ``import torch``, ``import torch._dynamo``
-  (FakeTensorMode's constructor imports its config), each trace run in the process, the trace
+  imports (the command's too: typer, rich), ``import torch``, what a trace imports of
+  ``torch._dynamo`` with its compiler deferred (FakeTensorMode's constructor reads its config,
+  a constant tensor made under it imports ``source``), each trace run in the process, the trace
   forked ahead (its batch, its own time, how long the process waited for it), and the rest
   (interpreter start, the spec, the answer-record lookup, the plan, the search's arithmetic;
   no teardown: the process leaves with ``os._exit`` as the command does);
@@ -76,10 +79,10 @@ SERIAL = ("import contextlib, sys; import autofit.predict.trace as tr; "
 """Today's command with every trace in this process (no forked trace ahead)."""
 
 
-def wall(cmd: list[str]) -> tuple[float, str]:
+def wall(cmd: list[str], **env: str) -> tuple[float, str]:
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
@@ -108,9 +111,10 @@ import autofit.api, autofit.cli.app
 t1 = time.perf_counter()
 import torch
 t2 = time.perf_counter()
-import torch._dynamo
+import autofit.predict.trace as tr  # registers torch._dynamo without its compiler
+import torch._dynamo.config, torch._dynamo.source  # what a trace imports of it
 t3 = time.perf_counter()
-import autofit.predict.trace as tr
+from autofit.predict import lazy_dynamo
 take, ahead = tr._Ahead.take, []
 def timed(self, *a):
     start = time.perf_counter()
@@ -125,7 +129,9 @@ forked = {b for b, _, _ in ahead}
 traces = [e.trace_time_s for b, e in sorted(r.max_batch.estimates.items())
           if not e.derived and b not in forked]
 print(json.dumps({"autofit": t1 - t0, "torch": t2 - t1, "dynamo": t3 - t2,
-                  "estimate": t4 - t3, "traces": traces, "ahead": ahead}), flush=True)
+                  "estimate": t4 - t3, "traces": traces, "ahead": ahead,
+                  "compiler": "torch._dynamo.eval_frame" in sys.modules,
+                  "deferred": lazy_dynamo.deferred()}), flush=True)
 os._exit(0)  # as the command: no interpreter teardown
 """
 
@@ -177,35 +183,42 @@ def startup_and_estimates(repeat: int) -> None:
     print("\n| start-up | with torch (before) s | now s | ratio |\n|---|---|---|---|")
     print(f"| autofit --help | {old[mid]:.2f} | {now[mid]:.2f} | {now[mid] / old[mid]:.2f} |")
 
-    print("\n| autofit estimate | before s (traces) | cold, every trace here s | cold s (traces) "
-          "| warm s | cold/before | cold/every trace here | warm/before |"
-          "\n|---|---|---|---|---|---|---|---|")
+    print("\n| autofit estimate | before s (traces) | cold, every trace here s "
+          "| cold, torch._dynamo imported whole s | cold s (traces) | warm s | cold/before "
+          "| cold/every trace here | cold/dynamo whole | warm/before |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
     for name in CPU_CONFIGS:
         config = f"configs/{name}.yaml"
         with tempfile.TemporaryDirectory() as cache:
             before, out_b = wall(patched(BEFORE, "estimate", config, "--no-cache"))
-            serial, colds, out_c = [], [], ""
-            for i in range(repeat):  # alternating, so that load hits both alike
-                for kind in ((0, 1) if i % 2 == 0 else (1, 0)):
+            serial, whole, colds, out_c = [], [], [], ""
+            for i in range(repeat):  # rotating, so that load hits every kind alike
+                for kind in (0, 1, 2)[i % 3:] + (0, 1, 2)[:i % 3]:
                     fresh = str(Path(cache) / f"{kind}-{i}")
                     if kind == 0:
                         serial.append(wall(patched(SERIAL, "estimate", config,
                                                    "--cache-dir", fresh))[0])
+                    elif kind == 1:
+                        whole.append(wall(autofit("estimate", config, "--cache-dir", fresh),
+                                          AUTOFIT_DEFER_DYNAMO="0")[0])
                     else:
                         seconds, out_c = wall(autofit("estimate", config, "--cache-dir", fresh))
                         colds.append(seconds)
             warm, out_w = wall(autofit("estimate", config, "--cache-dir", fresh))
-        cold, alone = sorted(colds)[len(colds) // 2], sorted(serial)[len(serial) // 2]
+        mid = len(colds) // 2
+        cold, alone, full = sorted(colds)[mid], sorted(serial)[mid], sorted(whole)[mid]
         # a warm run misses only when autofit's sources changed in between (part of the key)
         hit = "" if "0 new trace(s)" in out_w else " (cache missed: sources changed)"
-        print(f"| {name} | {before:.2f} ({traces_of(out_b)}) | {alone:.2f} "
+        print(f"| {name} | {before:.2f} ({traces_of(out_b)}) | {alone:.2f} | {full:.2f} "
               f"| {cold:.2f} ({traces_of(out_c)}) | {warm:.2f}{hit} | {cold / before:.2f} "
-              f"| {cold / alone:.2f} | {warm / before:.2f} |", flush=True)
-    print(f"\ncold: median of {repeat} runs each, alternating with the run that traces "
-          f"everything in its own process; load {load()}")
+              f"| {cold / alone:.2f} | {cold / full:.2f} | {warm / before:.2f} |", flush=True)
+    print(f"\ncold: median of {repeat} runs each, rotating with the run that traces "
+          "everything in its own process and the run that imports torch._dynamo whole "
+          f"(AUTOFIT_DEFER_DYNAMO=0); load {load()}")
     print("\n| cold estimate, where the time goes (s) | total | python + autofit | import torch "
-          "| import torch._dynamo | traces here (each) | forked trace: batch, its time, waited "
-          "| rest |\n|---|---|---|---|---|---|---|---|")
+          "| torch._dynamo: config + source (compiler deferred) | traces here (each) "
+          "| forked trace: batch, its time, waited | rest | compiler imported |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for name in CPU_CONFIGS:
         p = cold_phases(f"configs/{name}.yaml")
         traced = sum(p["traces"])
@@ -214,7 +227,8 @@ def startup_and_estimates(repeat: int) -> None:
         each = " + ".join(f"{t:.2f}" for t in p["traces"])
         forked = ", ".join(f"{b}, {t:.2f}, {w:.2f}" for b, w, t in p["ahead"]) or "none taken"
         print(f"| {name} | {p['total']:.2f} | {p['autofit']:.2f} | {p['torch']:.2f} "
-              f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {forked} | {rest:.2f} |")
+              f"| {p['dynamo']:.2f} | {traced:.2f} ({each}) | {forked} | {rest:.2f} "
+              f"| {'yes' if p['compiler'] else 'no'} |")
     print(f"\nload {load()}")
 
 

@@ -492,7 +492,9 @@ def _count_inplace_candidates(spec: ExperimentSpec, candidate: Candidate) -> tup
     from torch._subclasses import FakeTensorMode
 
     from autofit.build import build_model
+    from autofit.predict import lazy_dynamo
 
+    lazy_dynamo.defer()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build_model(spec, candidate.input_size)
     found = _inplace_candidates(model)

@@ -24,6 +24,7 @@ from autofit.choices import Phase
 from autofit.errors import AutofitError, BuildError
 from autofit.memory import MemoryTracker, ModuleRecord, PhaseHooks
 from autofit.predict import cache as trace_cache
+from autofit.predict import lazy_dynamo
 from autofit.predict.cuda_native import trace_device
 from autofit.predict.device_model import DeviceModel
 from autofit.predict.estimates import LayerRow, MemoryEstimate  # torch-free; re-exported here
@@ -31,6 +32,8 @@ from autofit.spec import ExperimentSpec
 from autofit.step import TrainingJob
 
 TRACE_STEPS = 2
+
+lazy_dynamo.defer()  # a trace never compiles: the compiler loads only if something asks for it
 
 
 def _friendly(exc: BaseException) -> str:
