@@ -17,10 +17,10 @@ from typing import Any
 from autofit.candidate import Candidate
 from autofit.choices import Precision
 from autofit.device import check_device
-from autofit.errors import SpecError, TuneFailed, TuneInterrupted
+from autofit.errors import AutofitError, SpecError, TuneFailed, TuneInterrupted
 from autofit.export import load_results, write_exports, write_results
 from autofit.export.tuned import TunedConfig, load_tuned
-from autofit.files import locked_output_dir
+from autofit.files import locked_output_dir, refuse_taken
 from autofit.predict.batch_curve import MaxBatchEstimate, predict_max_batch
 from autofit.predict.cache import TraceCache, cache_for, device_without_torch
 from autofit.predict.cache import using as using_cache
@@ -354,6 +354,24 @@ def tune_out_dir(spec: ExperimentSpec, out_dir: str | Path | None) -> Path:
     return Path(out_dir) if out_dir is not None else Path.cwd() / spec.output.dir
 
 
+def _refuse_taken_early(spec: SpecLike, out_dir: str | Path | None, *, resume: bool,
+                        force: bool) -> None:
+    """An output dir that holds results is refused before the spec's imports are resolved
+    (its model module imports torch: seconds for a one-line answer). The dir is ``out_dir``,
+    else ``output.dir`` of the spec read without resolving imports; a spec that does not read
+    is left to ``as_spec``, which reports every problem."""
+    if resume or force:
+        return
+    if out_dir is None:
+        if not isinstance(spec, str | Path):
+            return
+        try:
+            out_dir = tune_out_dir(load_spec(spec, check_imports=False), None)
+        except AutofitError:
+            return
+    refuse_taken(Path(out_dir), resume=resume, force=force)
+
+
 def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = False,
          force: bool = False, storage: str | None = None, device: str | None = None,
          on_event: EventHandler | None = None,
@@ -381,15 +399,17 @@ def tune(spec: SpecLike, *, out_dir: str | Path | None = None, resume: bool = Fa
             every finished trial (``.partial``). TuneInterrupted: the same for Ctrl-C.
         SpecError, OutputDirError, AutofitError: before any trial ran.
     """
-    from autofit.search.tuner import run_search
-    from autofit.trials.runner import run_trial
-
     check_restart(resume, force)
-    spec = as_spec(spec)
     check_device(device)
+    _refuse_taken_early(spec, out_dir, resume=resume, force=force)
+    spec = as_spec(spec)
     directory = tune_out_dir(spec, out_dir)
     with locked_output_dir(directory, resume=resume, force=force) as path, \
             using_cache(cache_for(cache, path)) as traces:
+        # imported once the output dir is taken: a refused one is said without torch
+        from autofit.search.tuner import run_search
+        from autofit.trials.runner import run_trial
+
         try:
             result = run_search(spec, out_dir=path, resume=resume, storage=storage,
                                 device=device, on_event=on_event, runner=runner or run_trial)

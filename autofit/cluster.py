@@ -281,7 +281,9 @@ def _start(source: str, url: str, devices: list[str | None], lease_s: float,
 
 
 def _threads(cpu_workers: int) -> str:
-    return str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    from autofit.device import usable_cpus
+
+    return str(max(1, usable_cpus() // cpu_workers))
 
 
 def _relay(procs: list[tuple[str, subprocess.Popen]], say: Callable[[str], None]) -> None:

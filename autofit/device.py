@@ -126,3 +126,20 @@ def cuda_peaks(device: Any) -> tuple[int, int]:
     torch.cuda.synchronize(device)
     return (int(torch.cuda.max_memory_allocated(device)),
             int(torch.cuda.max_memory_reserved(device)))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (``/sys/fs/cgroup/cpu.max``), at least 1. ``os.cpu_count()`` counts the machine's."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as quota_file:
+            quota, period = quota_file.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) // max(int(period), 1))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)

@@ -69,21 +69,34 @@ def _take_lock(out: Path) -> None:
         fh.write(f"{os.getpid()}\n")
 
 
+def holds_results(out: Path) -> bool:
+    """Whether ``out`` holds tune results (``OutputDirError`` when it is not a directory)."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output dir {out} exists and is not a directory")
+    return out.exists() and any((out / name).exists() for name in RESULT_FILES[:2])
+
+
+def refuse_taken(out: Path, *, resume: bool, force: bool) -> None:
+    """``OutputDirError`` when ``out`` holds tune results and neither ``resume`` nor
+    ``force`` is given (``tune`` checks this before it imports torch, and again under the
+    lock)."""
+    if holds_results(out) and not resume and not force:
+        raise OutputDirError(
+            f"output dir {out} already holds tune results; pass --resume to continue that "
+            f"tune or --force to start over"
+        )
+
+
 @contextlib.contextmanager
 def locked_output_dir(out_dir: str | Path, *, resume: bool, force: bool) -> Iterator[Path]:
     """Claim ``out_dir`` for one tune run (see module docstring)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output dir {out} exists and is not a directory")
-    existing = out.exists() and any((out / name).exists() for name in RESULT_FILES[:2])
+    existing = holds_results(out)
     out.mkdir(parents=True, exist_ok=True)
     _take_lock(out)
     try:
-        if existing and not resume and not force:
-            raise OutputDirError(
-                f"output dir {out} already holds tune results; pass --resume to continue that "
-                f"tune or --force to start over"
-            )
+        if existing:
+            refuse_taken(out, resume=resume, force=force)
         if existing and force and not resume:
             for name in RESULT_FILES:
                 (out / name).unlink(missing_ok=True)

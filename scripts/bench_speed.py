@@ -35,7 +35,9 @@ Every figure is the wall time of a fresh process, as a user sees it:
   trial (``searches.reusable_verification`` switched off in the process: what tune did before
   it reused the search trial at the winner), and cold once more with the probe calibration's
   trace taken after its trial (``tuner.out_of_process`` switched off in the process: what tune
-  did before that trace ran beside the trial). Then, per case, where a cold run's real trials
+  did before that trace ran beside the trial), and cold once more with its prediction confirmed
+  by a third trace (``tuner.trials_confirm`` switched off in the process: what tune did before
+  two traces paired event by event sufficed). Then, per case, where a cold run's real trials
   spent their time: fork and result return (trial wall less the child's own time), model build,
   warm-up steps, timed steps, the rest of the child (spec, tracker, measurement), an OOM
   trial's steps up to its OOM, and the probe calibration that follows the first fitting trial in
@@ -283,6 +285,25 @@ def serial_calibration():  # type: ignore[no-untyped-def]
     return off()
 
 
+def confirming_trace():  # type: ignore[no-untyped-def]
+    """A context: a single-setting tune confirms its prediction with a third trace, as
+    ``estimate`` does (what tune did before two traces paired event by event sufficed)."""
+    import contextlib
+
+    import autofit.search.tuner as tuner
+
+    @contextlib.contextmanager
+    def on():  # type: ignore[no-untyped-def]
+        paired = tuner.trials_confirm
+        tuner.trials_confirm = lambda *a, **k: False
+        try:
+            yield
+        finally:
+            tuner.trials_confirm = paired
+
+    return on()
+
+
 def timed_trials(into: list[dict]):  # type: ignore[no-untyped-def]
     """A context: every real trial's time split is appended to ``into`` (``trial_split``)."""
     import contextlib
@@ -383,8 +404,9 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
           "| Lightning binsearch s | Lightning power s "
           "| accelerate s | cold / binsearch | warm / binsearch | own verification / binsearch "
           "| autofit cold, calibration traced after the trial s | that / binsearch "
+          "| autofit cold, confirming trace s | that / binsearch | cold / confirming trace "
           "| batch: autofit / binsearch / power / accelerate | autofit pinned (b fits, b+1 OOM) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     splits: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
         run_autofit(A.case_spec(names[0]))  # discarded: the process's one-time costs
@@ -399,12 +421,18 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
                 serial_calibration():
             return run_autofit(spec)  # as cold, the calibration's trace after the trial
 
+    def third(spec):  # type: ignore[no-untyped-def]
+        with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))), \
+                confirming_trace():
+            return run_autofit(spec)  # as cold, its prediction confirmed by a third trace
+
     for i, name in enumerate(names):
         spec = A.case_spec(name)
         split: list[dict] = []
         own_first = i % 2 == 1  # alternate, so that order effects hit both alike
         verify_own = own(spec) if own_first else None
         after_trial = serial(spec) if not own_first else None
+        confirmed = third(spec) if own_first else None
         with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
             with timed_trials(split):
                 cold = run_autofit(spec)  # an empty cache: every trace runs
@@ -413,6 +441,8 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
             verify_own = own(spec)
         if after_trial is None:
             after_trial = serial(spec)
+        if confirmed is None:
+            confirmed = third(spec)
         splits[name] = split
         anchors = {kind: A.run_anchor(kind, name) for kind in
                    ("lightning-binsearch", "lightning-power", "accelerate")
@@ -433,6 +463,8 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
               f"| {cold['wall_s'] / binsearch:.2f} | {warm['wall_s'] / binsearch:.2f} "
               f"| {verify_own['wall_s'] / binsearch:.2f} "
               f"| {cell(after_trial)} | {after_trial['wall_s'] / binsearch:.2f} "
+              f"| {cell(confirmed)} | {confirmed['wall_s'] / binsearch:.2f} "
+              f"| {cold['wall_s'] / confirmed['wall_s']:.2f} "
               f"| {batches} | {_boundary(cold)} |", flush=True)
         print(f"<!-- {name}: autofit predict {cold.get('predict_s', 0):.1f} s of "
               f"{cold['wall_s']:.1f} s cold ({len(cold['trials'])} trials), "
@@ -440,7 +472,10 @@ def tune_vs_anchors(cases: list[str] | None) -> None:
               f"verification: {len(verify_own['trials'])} trials, returned "
               f"{verify_own.get('returned')}, run {'before' if own_first else 'after'} cold; "
               f"calibration traced after the trial: returned {after_trial.get('returned')}, "
-              f"run {'after' if own_first else 'before'} cold; "
+              f"run {'after' if own_first else 'before'} cold; confirming trace: returned "
+              f"{confirmed.get('returned')}, predict {confirmed.get('predict_s', 0):.1f} s, "
+              f"{len(confirmed['trials'])} trials, run {'before' if own_first else 'after'} "
+              "cold; "
               f"load {load()} -->", flush=True)
     print("\n| cold autofit, where its real trials' time goes (s, summed over trials) | trials "
           "| trial wall | fork + return | model build | warm-up steps | timed steps | rest of "

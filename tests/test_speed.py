@@ -49,6 +49,34 @@ def test_validate_of_a_bad_spec_does_not_import_torch(tmp_path: Path):
     assert "torch" not in mods
 
 
+@pytest.mark.parametrize("where", ["out_dir", "output.dir"])
+def test_a_taken_output_dir_is_refused_before_torch_is_imported(tmp_path: Path, where: str):
+    """The refusal is one line in well under a second: the spec's model module (which
+    imports torch) is not resolved first. Both ways of naming the dir: ``out_dir`` and the
+    spec's ``output.dir``; the lock-time check stays (``tests/test_cli.py``)."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "results.json").write_text("{}")
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: tiny\nmodel: {_target_: autofit.zoo.mlp, in_features: 8, hidden: 8,"
+                    " depth: 1, out_features: 2}\ndata: {kind: tensor, shape: [8], "
+                    f"num_classes: 2}}\ndevice: cpu\noutput: {{dir: {str(taken)!r}}}\n")
+    out_dir = repr(str(taken)) if where == "out_dir" else "None"
+    mods = _modules_after(f"""
+        from autofit import api
+        from autofit.errors import OutputDirError
+        try:
+            api.tune({str(spec)!r}, out_dir={out_dir})
+        except OutputDirError as exc:
+            assert "already holds tune results" in str(exc), exc
+        else:
+            raise SystemExit("not refused")
+        print("REFUSED")
+    """)
+    assert "REFUSED" in mods
+    assert "torch" not in mods
+
+
 def test_lazy_package_still_exports_everything():
     import autofit
     import autofit.export.tuned  # noqa: F401  the subpackage must not shadow the function
@@ -552,3 +580,21 @@ def test_the_last_trace_of_an_estimate_runs_ahead_in_a_forked_process(tmp_path: 
     finally:
         stop.set()
         other.join()
+
+
+def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
+    """One count of the CPUs this process may use (affinity, cgroup quota) for the forked
+    trace, the idle-CPU check and the workers' thread split; not the machine's count."""
+    import os
+
+    from autofit import cluster
+    from autofit.device import usable_cpus
+    from autofit.predict import trace as tr
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert usable_cpus() == 1
+    assert cluster._threads(1) == "1"
+    assert not tr.idle_cpu("0.00 0.00 0.00 1/345 9001")  # only this process, on its one CPU
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert 1 <= usable_cpus() <= 4

@@ -4,6 +4,12 @@ Peak is affine in batch size for fixed input size, precision and segments (piece
 when the peak moves between phases: the optimizer step at small batches, backward at large
 ones). ``predict_max_batch`` fits a line from two traces, inverts it, and pins the boundary
 with traces there (regula falsi on the bracket), so the answer is traced, not extrapolated.
+
+A single-setting ``tune`` on a CPU asks for ``confirm=False``: two traces that run the same
+ops in the same order pair up allocation by allocation, each allocation's live bytes are a
+line in batch, and the largest of those lines is the peak at any batch (exact wherever
+tensor sizes are affine in batch, kinks included). Its first two real trials (the answer and
+one above) then do what the third, confirming trace would.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class MaxBatchEstimate:
     seconds: float
     exact: bool = True
     """True when traces pinned it (batch fits, batch + step does not); False = quick ranking."""
+    confirmed: bool = True
+    """False when it was read off two traces paired event by event (``confirm=False``),
+    without the trace just above it that confirms the boundary: real trials pin it next."""
 
     @property
     def estimate(self) -> MemoryEstimate | None:
@@ -86,7 +95,7 @@ class MaxBatchEstimate:
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "limit_bytes": self.limit_bytes,
                 "curve": self.curve.to_dict(), "traces": self.traces,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "confirmed_by_trace": self.confirmed}
 
 
 def _align_down(batch: int, multiple: int) -> int:
@@ -140,7 +149,8 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
                       limit_bytes: int, *, exact: bool = True,
                       max_traces: int = 10,
                       known: list[MemoryEstimate] | None = None,
-                      replay: list[MemoryEstimate] | None = None) -> MaxBatchEstimate:
+                      replay: list[MemoryEstimate] | None = None,
+                      confirm: bool = True) -> MaxBatchEstimate:
     """Largest batch in the spec's range whose traced peak fits ``limit_bytes``.
 
     Two traces fit the line; the inverse gives a batch; traces there and one step above pin
@@ -149,16 +159,28 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     traces (used to rank many combinations cheaply). ``known``: estimates already made for
     this setting; ``replay``: traces read back from an answer record, each used only when the
     search asks for its batch (``known`` up front would change the search's path).
+
+    ``confirm=False`` (a search whose next step is real trials at the answer and one above
+    it): when the two traces pair up event by event (``_event_plan``), the largest batch
+    their event lines fit under the limit is the answer, without the confirming trace
+    (``confirmed`` False); else the traces pin it as above.
     """
     start = time.perf_counter()
     rng = spec.search.batch_size
     traces = _Traces(spec, base, model, known, replay)
 
-    def done(batch: int, curve: BatchCurve, is_exact: bool = True) -> MaxBatchEstimate:
+    def done(batch: int, curve: BatchCurve, is_exact: bool = True,
+             confirmed: bool = True) -> MaxBatchEstimate:
         return MaxBatchEstimate(batch, limit_bytes, curve, {**traces.derived, **traces.cache},
-                                len(traces.cache), time.perf_counter() - start, exact=is_exact)
+                                len(traces.cache), time.perf_counter() - start, exact=is_exact,
+                                confirmed=confirmed)
 
     b1 = rng.lowest
+    if not confirm and exact and b1 == 1 and rng.multiple_of == 1 and rng.highest >= 2 \
+            and traces.peak(2) <= limit_bytes:
+        # batch 1 often allocates less than its share (a size-1 dim makes more layouts
+        # contiguous: fewer copies), so its events may not pair with a larger batch's
+        b1 = 2
     first = traces.peak(b1)
     if first > limit_bytes:
         return done(0, BatchCurve(0.0, first / max(b1, 1), [(b1, first)]))
@@ -174,6 +196,10 @@ def predict_max_batch(spec: ExperimentSpec, base: Candidate, model: DeviceModel,
     if not exact:
         batch, curve = _quick_ranking(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
         return done(batch, curve, is_exact=False)
+    if not confirm:
+        planned = _plan_by_events(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
+        if planned is not None:
+            return done(*planned, confirmed=False)
     pinned = _pin_by_segments(traces, b1, b2, limit_bytes, rng.highest, rng.multiple_of)
     if pinned is not None:
         return done(*pinned)
@@ -276,8 +302,75 @@ def _segments_once(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest:
     return (answer, curve), probe
 
 
+def _event_plan(ea: MemoryEstimate, eb: MemoryEstimate
+                ) -> dict[str, list[tuple[int, int]]] | None:
+    """Each stretch's events as (live bytes at xa, live bytes at xb) pairs, when the two
+    traces pair up: the same stretches with the same number of allocations each (the same
+    ops in the same order). Every tensor whose size is affine in batch makes each event's
+    live bytes affine in it, so a stretch's peak at any batch is the largest of its events'
+    lines there: exact on both sides of a kink where another moment takes over the peak
+    (which defeats one line per stretch). None when they do not pair up (or were not kept)."""
+    la, lb = ea.stretch_lives, eb.stretch_lives
+    if not la or la.keys() != lb.keys() or any(len(la[n]) != len(lb[n]) for n in la):
+        return None
+    return {n: sorted(set(zip(la[n], lb[n], strict=True))) for n in la}
+
+
+def _plan_by_events(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest: int,
+                    mult: int) -> tuple[int, BatchCurve] | None:
+    """The largest aligned batch whose event lines (``_event_plan``) stay under the limit, on
+    a CPU device model (affine live bytes, no block rounding): the answer and the line of the
+    event that peaks there; None when the traces do not pair up or the lines do not give back
+    both traced peaks."""
+    ea, eb = traces.cache[xa], traces.cache[xb]
+    events = _event_plan(ea, eb) if traces.model.kind == "cpu" else None
+    if events is None:
+        return None
+    span = xb - xa
+    # an event with no more bytes at xa and no steeper line than another never peaks at a
+    # batch >= xa: by slope, steepest first, keep only an event above every one kept
+    pairs = sorted({p for stretch in events.values() for p in stretch},
+                   key=lambda p: (p[1] - p[0], p[0]), reverse=True)
+    hull: list[tuple[int, int]] = []
+    for pa, pb in pairs:
+        if not hull or pa > hull[-1][0]:
+            hull.append((pa, pb))
+    model = traces.model
+
+    def traced_at(batch: int) -> tuple[int, tuple[int, int]]:
+        return max((-(-(pa * span + (pb - pa) * (batch - xa)) // span), (pa, pb))
+                   for pa, pb in hull)
+
+    def planned(batch: int) -> int:
+        return model.reserved(traced_at(batch)[0], eb.uses_blas)
+
+    if planned(xa) != ea.peak_bytes or planned(xb) != eb.peak_bytes:
+        return None
+    best_fit, best_fail = traces.bracket(limit_bytes)
+    top_batch = min(highest, best_fail - mult) if best_fail is not None else highest
+    if top_batch <= best_fit:
+        answer = best_fit
+    elif planned(top_batch) <= limit_bytes:
+        answer = top_batch
+    else:
+        low, high = best_fit // mult, top_batch // mult
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if planned(mid * mult) <= limit_bytes else (low, mid)
+        answer = low * mult
+    if answer not in traces.cache:
+        segments = {n: max(-(-(pa * span + (pb - pa) * (answer - xa)) // span)
+                           for pa, pb in stretch) for n, stretch in events.items()}
+        traces.derived[answer] = _derived(ea, eb, answer, planned(answer), model,
+                                          segments=segments)
+    _, (pa, pb) = traced_at(answer)
+    slope = (pb - pa) / span
+    curve = BatchCurve(pa - slope * xa, slope, traces.points())
+    return answer, curve
+
+
 def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
-             model: DeviceModel) -> MemoryEstimate:
+             model: DeviceModel, segments: dict[str, int] | None = None) -> MemoryEstimate:
     """The estimate at ``batch`` between two traces on the same affine stretch: every
     category interpolated, temporaries absorbing the rounding so they sum to the peak."""
     from dataclasses import replace
@@ -289,8 +382,10 @@ def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
     def mix(a: int, b: int) -> int:
         return round(a + (b - a) * t)
 
-    traced = max(round(e2.segment_peaks[n] + (e3.segment_peaks[n] - e2.segment_peaks[n]) * t)
-                 for n in e2.segment_peaks)
+    if segments is None:  # on the stretch lines
+        segments = {n: round(e2.segment_peaks[n] + (e3.segment_peaks[n] - e2.segment_peaks[n])
+                             * t) for n in e2.segment_peaks}
+    traced = max(segments.values())
     parts: dict[str, Any] = {f: mix(getattr(b2, f), getattr(b3, f)) for f in
              ("params_bytes", "grads_bytes", "optimizer_state_bytes", "activations_bytes")}
     breakdown = replace(b3, **parts, temporaries_bytes=traced - sum(parts.values()),
@@ -299,9 +394,7 @@ def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
     return replace(e3, candidate=e3.candidate.with_batch(batch), breakdown=breakdown,
                    allocated_bytes=model.allocated(traced, e3.uses_blas), reserved_bytes=peak,
                    trace_time_s=0.0, cached=False, derived=True, layers=[],
-                   segment_peaks={n: round(e2.segment_peaks[n] + (e3.segment_peaks[n]
-                                                                  - e2.segment_peaks[n]) * t)
-                                  for n in e2.segment_peaks})
+                   segment_peaks=segments, stretch_lives={})
 
 
 def _quick_ranking(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,
@@ -362,7 +455,7 @@ def _pin_boundary(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: 
 # ----------------------------------------------------------------- settings side by side
 def predict_many(spec: ExperimentSpec, bases: list[Candidate], model: DeviceModel,
                  limit_bytes: int, *, exact: bool, server: Any = None,
-                 on_each: Any = None) -> list[MaxBatchEstimate]:
+                 on_each: Any = None, confirm: bool = True) -> list[MaxBatchEstimate]:
     """``predict_max_batch`` of every setting (``bases``), in order.
 
     With a trial fork server that has finished its imports (``server``, a
@@ -381,14 +474,16 @@ def predict_many(spec: ExperimentSpec, bases: list[Candidate], model: DeviceMode
                 helper.submit_when_ready()
                 if not helper.claim(i):
                     break
-            results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact)
+            results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact,
+                                           confirm=confirm)
             if on_each is not None:
                 on_each(i, results[i])
         if helper is not None:
             helper.wait()
         for i, base in enumerate(bases):
             if results[i] is None:  # the helper's: its traces are in the cache now
-                results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact)
+                results[i] = predict_max_batch(spec, base, model, limit_bytes, exact=exact,
+                                               confirm=confirm)
                 if on_each is not None:
                     on_each(i, results[i])
     finally:

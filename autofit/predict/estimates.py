@@ -7,6 +7,10 @@ without importing torch (``autofit.predict.cache``).
 
 from __future__ import annotations
 
+import base64
+import sys
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +47,11 @@ class MemoryEstimate:
     """Traced peak of each stretch of the step, ``"<step>:<phase>"`` -> bytes (block-rounded,
     before the device model). Each is convex in batch size on its own, and far more often
     affine over the whole range than their maximum (see ``batch_curve``)."""
+    stretch_lives: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """Live bytes after each allocation of each stretch (same keys as ``segment_peaks``, whose
+    values are their maxima): paired event by event with another batch's trace, the exact
+    peak at any batch where tensor sizes are affine in it (``batch_curve``). Empty when not
+    kept (per-rank traces, older cache entries)."""
     cached: bool = False
     """Read from the trace cache (``trace_time_s`` is then the original trace's)."""
     derived: bool = False
@@ -68,7 +77,8 @@ class MemoryEstimate:
         }
         if full:  # what the trace cache stores
             data.update(uses_blas=self.uses_blas, segment_peaks=self.segment_peaks,
-                        trace_time_s=self.trace_time_s, misreporting=self.misreporting)
+                        trace_time_s=self.trace_time_s, misreporting=self.misreporting,
+                        stretch_lives={k: _pack(v) for k, v in self.stretch_lives.items()})
         return data
 
     @classmethod
@@ -81,8 +91,25 @@ class MemoryEstimate:
             trace_time_s=float(data["trace_time_s"]), param_count=int(data["param_count"]),
             uses_blas=bool(data.get("uses_blas", False)),
             segment_peaks={k: int(v) for k, v in (data.get("segment_peaks") or {}).items()},
+            stretch_lives={k: _unpack(v) for k, v in (data.get("stretch_lives") or {}).items()},
             misreporting=list(data.get("misreporting") or []),
         )
+
+
+def _pack(values: list[int]) -> str:
+    """A list of byte counts as base64 of zlib'd little-endian int64 (a trace has thousands)."""
+    raw = array("q", values)
+    if sys.byteorder != "little":
+        raw.byteswap()
+    return base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode("ascii")
+
+
+def _unpack(text: str) -> list[int]:
+    raw = array("q")
+    raw.frombytes(zlib.decompress(base64.b64decode(text)))
+    if sys.byteorder != "little":
+        raw.byteswap()
+    return raw.tolist()
 
 
 __all__ = ["LayerRow", "MemoryEstimate"]

@@ -132,11 +132,14 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     return tracker, param_count, time.perf_counter() - start
 
 
-def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
-    """Peak live bytes of each ``"<step>:<phase>"`` stretch of a finished trace.
+def stretch_lives(tracker: MemoryTracker) -> dict[str, list[int]]:
+    """Live bytes after each allocation, per ``"<step>:<phase>"`` stretch of a finished trace.
 
     Every allocation and free took one sequence number, and a phase mark records the number
     at which its stretch began, so one pass over the blocks rebuilds live bytes per event.
+    Two traces of one setting at two batch sizes run the same ops in the same order, so their
+    lists pair up event by event (``batch_curve``: each event's live bytes are affine in
+    batch where every tensor's size is).
     """
     delta = [0] * (tracker.seq + 2)
     allocs = [False] * (tracker.seq + 2)
@@ -146,16 +149,21 @@ def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
         if block.free_seq is not None:
             delta[block.free_seq] -= block.nbytes
     marks = sorted((seq, f"{step}:{Phase(phase).value}") for seq, phase, step in tracker.phase_marks)
-    peaks: dict[str, int] = {}
+    lives: dict[str, list[int]] = {}
     name, live, m = "0:setup", 0, 0
     for seq in range(1, tracker.seq + 1):
         while m < len(marks) and marks[m][0] < seq:
             name = marks[m][1]
             m += 1
         live += delta[seq]
-        if allocs[seq] and live > peaks.get(name, -1):
-            peaks[name] = live
-    return peaks
+        if allocs[seq]:
+            lives.setdefault(name, []).append(live)
+    return lives
+
+
+def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
+    """Peak live bytes of each ``"<step>:<phase>"`` stretch of a finished trace."""
+    return {name: max(values) for name, values in stretch_lives(tracker).items()}
 
 
 def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
@@ -236,13 +244,13 @@ def traced_ahead(spec: ExperimentSpec, candidate: Candidate | None,
 
 
 def _can_fork(spec: ExperimentSpec, model: DeviceModel) -> bool:
-    import os
     import sys
     import threading
 
+    from autofit.device import usable_cpus
     from autofit.trials.forkserver import fork_enabled
 
-    if not (sys.platform.startswith("linux") and fork_enabled() and (os.cpu_count() or 1) > 1):
+    if not (sys.platform.startswith("linux") and fork_enabled() and usable_cpus() > 1):
         return False
     if spec.parallel.strategies != ("none",) or trace_device(model).type != "cpu":
         return False
@@ -256,18 +264,10 @@ def idle_cpu(loadavg: str | None = None, cpus: int | None = None) -> bool:
     cgroup v2 quota) than tasks running (``/proc/loadavg``'s 4th field, this one included).
     On a machine busy with other work, a forked trace would only take CPU time from this
     process's own traces (measured at load 4-5: the next trace here about 2x slower)."""
-    import os
-
     if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
-        with contextlib.suppress(OSError, ValueError):
-            with open("/sys/fs/cgroup/cpu.max") as quota_file:
-                quota, period = quota_file.read().split()[:2]
-            if quota != "max":
-                cpus = min(cpus, int(quota) // max(int(period), 1))
+        from autofit.device import usable_cpus
+
+        cpus = usable_cpus()
     try:
         if loadavg is None:
             with open("/proc/loadavg") as load_file:
@@ -404,11 +404,13 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         reserved = calibration.reserved(model.allocated(traced, tracker.uses_blas), model)
     breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
     layers = _layer_rows(tracker.modules) if per_layer else []
+    lives = stretch_lives(tracker)
     return MemoryEstimate(
         candidate=candidate, breakdown=breakdown, device_kind=model.kind,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
-        segment_peaks={k: v + residual for k, v in segment_peaks(tracker).items()},
+        segment_peaks={k: max(v) + residual for k, v in lives.items()},
+        stretch_lives={k: [x + residual for x in v] for k, v in lives.items()},
         misreporting=known_misreporting(tracker.op_log, spec, model.kind),
     )
 

@@ -58,6 +58,10 @@ class BatchPinner:
     def _clamp(self, batch: int) -> int:
         return max(self.lo, min(self.hi, batch // self.mult * self.mult))
 
+    def aim(self, batch: int) -> None:
+        """Run ``batch`` next (clamped to the spec's range and multiple)."""
+        self.next = self._clamp(batch)
+
     def candidate(self, batch: int) -> Candidate:
         return self.setting.candidate(batch)
 

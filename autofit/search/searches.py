@@ -27,6 +27,7 @@ from autofit.search.plan import Plan, batch_cap_note
 from autofit.search.results import SettingSummary, TrialRecord
 from autofit.search.study import Ledger, objective_value, propose_setting
 from autofit.spec import ExperimentSpec
+from autofit.trials.result import TrialResult, TrialStatus
 
 PROPOSALS_PER_PICK = 6
 """Sampler proposals tried before a pick falls back to predicted order."""
@@ -138,6 +139,7 @@ def pin_setting(search: Search, setting: Setting, asked: Any = None,
                             asked=asked)
         asked, purpose = None, Purpose.REFINE
         pinner.observe(batch, record.result)
+        _confirm_by_traces(search, setting, pinner, batch, record.result)
         _say_capacity(search, pinner)
         if record.result.fits and (best is None or batch > best.result.candidate.batch_size):
             best = record
@@ -146,6 +148,30 @@ def pin_setting(search: Search, setting: Setting, asked: Any = None,
     summary.measured_batch_size = pinner.best_fit
     summary.pinned = pinner.pinned
     return best
+
+
+def _confirm_by_traces(search: Search, setting: Setting, pinner: BatchPinner, batch: int,
+                       result: TrialResult) -> None:
+    """A prediction made without its confirming trace (``confirmed`` False) whose trial at or
+    below its batch ran out of memory: pin it by traces now, in place (the pinner holds that object), and go on
+    from their answer when it is below the failed batch (rather than stepping down by the
+    measured miss: an OOM's live bytes stop at the limit)."""
+    pred = search.predictions.get(setting)
+    if pred is None or pred.confirmed or result.fits or result.status != TrialStatus.OOM \
+            or batch > pred.batch_size:  # above the plan an OOM is what it said
+        return
+    spec = search.spec
+    fresh = predict_max_batch(spec, setting.candidate(spec.search.batch_size.min),
+                              search.plan.device_model, search.plan.limit_bytes, exact=True)
+    vars(pred).update(vars(fresh))
+    search.summaries[setting].predicted_batch_size = fresh.batch_size
+    search.say(f"batch {batch} ran out of memory although two traces paired event by event "
+               f"planned it: traced to the boundary, predicted {fresh.batch_size} "
+               f"({fresh.traces} traces)", note=True)
+    if pinner.next is None or not fresh.batch_size or fresh.batch_size >= batch:
+        return
+    if pinner.best_fit is None or fresh.batch_size > pinner.best_fit:
+        pinner.aim(fresh.batch_size)
 
 
 def search_max_batch(search: Search, settings: list[Setting]) -> TrialRecord | None:
@@ -260,6 +286,7 @@ def _time_setting(search: Search, setting: Setting, asked: Any) -> TrialRecord |
                                    pinner.predicted_peak(batch), asked=asked)
         asked, purpose = None, Purpose.REFINE
         pinner.observe(batch, record.result)
+        _confirm_by_traces(search, setting, pinner, batch, record.result)
         _say_capacity(search, pinner)
         if record.result.fits:
             search.summaries[setting].measured_batch_size = batch

@@ -58,18 +58,35 @@ def predict_settings(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
     from autofit.trials.runner import running_server
 
     exact = len(settings) <= 2
+    confirm = not trials_confirm(spec, plan, settings)
     bases = [setting.candidate(spec.search.batch_size.min) for setting in settings]
 
     def report(i: int, pred: MaxBatchEstimate) -> None:
         say(f"predicted max batch {pred.batch_size:>6} at "
             f"{bases[i].with_batch(pred.batch_size).label()} "
-            f"({pred.traces} traces, {pred.seconds:.1f} s)")
+            f"({pred.traces} traces, {pred.seconds:.1f} s"
+            + ("" if pred.confirmed else "; two traces paired event by event, the trials at "
+               "it and one above confirm it") + ")")
 
     # past two settings, a process forked from the trial fork server traces from the last
     # setting down meanwhile (``predict_many``: needs the trace cache)
     found = predict_many(spec, bases, plan.device_model, plan.limit_bytes, exact=exact,
-                         server=running_server(), on_each=report)
+                         server=running_server(), on_each=report, confirm=confirm)
     return dict(zip(settings, found, strict=True))
+
+
+def trials_confirm(spec: ExperimentSpec, plan: Plan, settings: list[Setting]) -> bool:
+    """Whether the first real trials stand in for the prediction's confirming trace.
+
+    A max-batch search of one setting on a CPU device model, in one process: its next step
+    is the trial at the predicted batch and the one above it, which prove the boundary, so
+    the trace above it (on a CPU about as long as such a trial) would only repeat them. The
+    prediction then comes from two traces paired event by event (``batch_curve``), and a
+    first trial that runs out of memory has it pinned by traces (``searches.pin_setting``).
+    Not with several settings (ranked on their predictions), ranks, or CUDA (a trial costs
+    far more than a trace there)."""
+    return (len(settings) == 1 and spec.search.objective == Objective.MAX_BATCH
+            and plan.device_model.kind == "cpu" and spec.parallel.strategies == ("none",))
 
 
 def run_search(spec: ExperimentSpec, *, out_dir: str | Path | None = None, resume: bool = False,
@@ -198,7 +215,7 @@ def calibrate_on(search: Search, store: calib.CalibrationStore, result: TrialRes
                 # in place: a pinner under way holds this very object
                 fresh = predict_max_batch(search.spec, setting.candidate(
                     search.spec.search.batch_size.min), model, search.plan.limit_bytes,
-                    exact=pred.exact)
+                    exact=pred.exact, confirm=pred.confirmed)
                 vars(pred).update(vars(fresh))
 
 
