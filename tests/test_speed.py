@@ -597,4 +597,15 @@ def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
     assert cluster._threads(1) == "1"
     assert not tr.idle_cpu("0.00 0.00 0.00 1/345 9001")  # only this process, on its one CPU
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert 1 <= usable_cpus() <= 4
+    quota = {"text": "max 100000\n"}
+
+    def cgroup(path, *args, **kwargs):  # the cgroup v2 CPU quota file, as the test sets it
+        import io
+
+        assert path == "/sys/fs/cgroup/cpu.max"
+        return io.StringIO(quota["text"])
+
+    monkeypatch.setattr("autofit.device.open", cgroup, raising=False)
+    assert usable_cpus() == 4 and cluster._threads(2) == "2"
+    quota["text"] = "200000 100000\n"  # a quota of 2 CPUs
+    assert usable_cpus() == 2 and cluster._threads(2) == "1"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,23 +263,12 @@ def _segments_once(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest:
     ends = [(ea.segment_peaks[n], eb.segment_peaks[n]) for n in lines]
 
     def planned(batch: int) -> int:  # integer arithmetic: exact at the traced batches
-        traced = max(-(-(pa * span + (pb - pa) * (batch - xa)) // span) for pa, pb in ends)
+        traced = max(_ceil_line(pa, pb, span, batch - xa) for pa, pb in ends)
         return model.reserved(traced, blas)
 
     if planned(xb) != eb.peak_bytes or planned(xa) != ea.peak_bytes:
         return None, None  # the stretches do not reproduce the traced peaks: no shortcut
-    best_fit, best_fail = traces.bracket(limit_bytes)
-    top_batch = min(highest, best_fail - mult) if best_fail is not None else highest
-    if top_batch <= best_fit:
-        answer = best_fit
-    elif planned(top_batch) <= limit_bytes:
-        answer = top_batch
-    else:  # largest aligned batch the lines say fits, between the best traced fit and the top
-        low, high = best_fit // mult, top_batch // mult
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if planned(mid * mult) <= limit_bytes else (low, mid)
-        answer = low * mult
+    answer = _largest_fitting(planned, traces, limit_bytes, highest, mult)
     probe = answer if answer >= highest else answer + mult
     traced_before = probe in traces.cache
     traces.peak(probe)
@@ -305,13 +295,16 @@ def _segments_once(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest:
 def _event_plan(ea: MemoryEstimate, eb: MemoryEstimate
                 ) -> dict[str, list[tuple[int, int]]] | None:
     """Each stretch's events as (live bytes at xa, live bytes at xb) pairs, when the two
-    traces pair up: the same stretches with the same number of allocations each (the same
-    ops in the same order). Every tensor whose size is affine in batch makes each event's
-    live bytes affine in it, so a stretch's peak at any batch is the largest of its events'
-    lines there: exact on both sides of a kink where another moment takes over the peak
-    (which defeats one line per stretch). None when they do not pair up (or were not kept)."""
+    traces pair up: the same stretches, each with the same ops making its allocations in the
+    same order (``stretch_ops``) and so as many allocations. Every tensor whose size is
+    affine in batch makes each event's live bytes affine in it, so a stretch's peak at any
+    batch is the largest of its events' lines there: exact on both sides of a kink where
+    another moment takes over the peak (which defeats one line per stretch). None when they
+    do not pair up (or were not kept). A size that is not affine in batch (a batch x batch
+    matrix) is not seen here: the trials at the answer catch it."""
     la, lb = ea.stretch_lives, eb.stretch_lives
-    if not la or la.keys() != lb.keys() or any(len(la[n]) != len(lb[n]) for n in la):
+    if not la or la.keys() != lb.keys() or any(len(la[n]) != len(lb[n]) for n in la) \
+            or not ea.stretch_ops or ea.stretch_ops != eb.stretch_ops:
         return None
     return {n: sorted(set(zip(la[n], lb[n], strict=True))) for n in la}
 
@@ -320,8 +313,8 @@ def _plan_by_events(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest
                     mult: int) -> tuple[int, BatchCurve] | None:
     """The largest aligned batch whose event lines (``_event_plan``) stay under the limit, on
     a CPU device model (affine live bytes, no block rounding): the answer and the line of the
-    event that peaks there; None when the traces do not pair up or the lines do not give back
-    both traced peaks."""
+    event that peaks there; None when the traces do not pair up, or when the largest event
+    of each trace is not its planned peak (a peak the stretches do not hold)."""
     ea, eb = traces.cache[xa], traces.cache[xb]
     events = _event_plan(ea, eb) if traces.model.kind == "cpu" else None
     if events is None:
@@ -338,35 +331,46 @@ def _plan_by_events(traces: _Traces, xa: int, xb: int, limit_bytes: int, highest
     model = traces.model
 
     def traced_at(batch: int) -> tuple[int, tuple[int, int]]:
-        return max((-(-(pa * span + (pb - pa) * (batch - xa)) // span), (pa, pb))
-                   for pa, pb in hull)
+        return max((_ceil_line(pa, pb, span, batch - xa), (pa, pb)) for pa, pb in hull)
 
     def planned(batch: int) -> int:
         return model.reserved(traced_at(batch)[0], eb.uses_blas)
 
     if planned(xa) != ea.peak_bytes or planned(xb) != eb.peak_bytes:
         return None
-    best_fit, best_fail = traces.bracket(limit_bytes)
-    top_batch = min(highest, best_fail - mult) if best_fail is not None else highest
-    if top_batch <= best_fit:
-        answer = best_fit
-    elif planned(top_batch) <= limit_bytes:
-        answer = top_batch
-    else:
-        low, high = best_fit // mult, top_batch // mult
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if planned(mid * mult) <= limit_bytes else (low, mid)
-        answer = low * mult
+    answer = _largest_fitting(planned, traces, limit_bytes, highest, mult)
     if answer not in traces.cache:
-        segments = {n: max(-(-(pa * span + (pb - pa) * (answer - xa)) // span)
-                           for pa, pb in stretch) for n, stretch in events.items()}
+        segments = {n: max(_ceil_line(pa, pb, span, answer - xa) for pa, pb in stretch)
+                    for n, stretch in events.items()}
         traces.derived[answer] = _derived(ea, eb, answer, planned(answer), model,
                                           segments=segments)
     _, (pa, pb) = traced_at(answer)
     slope = (pb - pa) / span
     curve = BatchCurve(pa - slope * xa, slope, traces.points())
     return answer, curve
+
+
+def _ceil_line(pa: int, pb: int, span: int, offset: int) -> int:
+    """The line through (0, pa) and (span, pb) at ``offset``, rounded up (integers: exact at
+    both ends)."""
+    return -(-(pa * span + (pb - pa) * offset) // span)
+
+
+def _largest_fitting(planned: Callable[[int], int], traces: _Traces, limit_bytes: int,
+                     highest: int, mult: int) -> int:
+    """The largest aligned batch ``planned`` (convex in batch) puts under the limit, between
+    the best traced fit and the step below the smallest traced failure (or ``highest``)."""
+    best_fit, best_fail = traces.bracket(limit_bytes)
+    top_batch = min(highest, best_fail - mult) if best_fail is not None else highest
+    if top_batch <= best_fit:
+        return best_fit
+    if planned(top_batch) <= limit_bytes:
+        return top_batch
+    low, high = best_fit // mult, top_batch // mult
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if planned(mid * mult) <= limit_bytes else (low, mid)
+    return low * mult
 
 
 def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
@@ -394,7 +398,7 @@ def _derived(e2: MemoryEstimate, e3: MemoryEstimate, batch: int, peak: int,
     return replace(e3, candidate=e3.candidate.with_batch(batch), breakdown=breakdown,
                    allocated_bytes=model.allocated(traced, e3.uses_blas), reserved_bytes=peak,
                    trace_time_s=0.0, cached=False, derived=True, layers=[],
-                   segment_peaks=segments, stretch_lives={})
+                   segment_peaks=segments, stretch_lives={}, stretch_ops={})
 
 
 def _quick_ranking(traces: _Traces, b1: int, b2: int, limit_bytes: int, highest: int,

@@ -52,6 +52,9 @@ class MemoryEstimate:
     values are their maxima): paired event by event with another batch's trace, the exact
     peak at any batch where tensor sizes are affine in it (``batch_curve``). Empty when not
     kept (per-rank traces, older cache entries)."""
+    stretch_ops: dict[str, str] = field(default_factory=dict, repr=False)
+    """Per stretch, a digest of the ops that made its allocations, in order: two traces pair
+    up event by event only where these agree."""
     cached: bool = False
     """Read from the trace cache (``trace_time_s`` is then the original trace's)."""
     derived: bool = False
@@ -78,7 +81,8 @@ class MemoryEstimate:
         if full:  # what the trace cache stores
             data.update(uses_blas=self.uses_blas, segment_peaks=self.segment_peaks,
                         trace_time_s=self.trace_time_s, misreporting=self.misreporting,
-                        stretch_lives={k: _pack(v) for k, v in self.stretch_lives.items()})
+                        stretch_lives={k: _pack(v) for k, v in self.stretch_lives.items()},
+                        stretch_ops=self.stretch_ops)
         return data
 
     @classmethod
@@ -92,6 +96,7 @@ class MemoryEstimate:
             uses_blas=bool(data.get("uses_blas", False)),
             segment_peaks={k: int(v) for k, v in (data.get("segment_peaks") or {}).items()},
             stretch_lives={k: _unpack(v) for k, v in (data.get("stretch_lives") or {}).items()},
+            stretch_ops={k: str(v) for k, v in (data.get("stretch_ops") or {}).items()},
             misreporting=list(data.get("misreporting") or []),
         )
 

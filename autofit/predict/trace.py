@@ -132,33 +132,44 @@ def trace(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
     return tracker, param_count, time.perf_counter() - start
 
 
-def stretch_lives(tracker: MemoryTracker) -> dict[str, list[int]]:
-    """Live bytes after each allocation, per ``"<step>:<phase>"`` stretch of a finished trace.
+def stretch_events(tracker: MemoryTracker) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Live bytes after each allocation, per ``"<step>:<phase>"`` stretch of a finished
+    trace, and per stretch a digest of the ops that made those allocations, in order.
 
     Every allocation and free took one sequence number, and a phase mark records the number
     at which its stretch began, so one pass over the blocks rebuilds live bytes per event.
-    Two traces of one setting at two batch sizes run the same ops in the same order, so their
-    lists pair up event by event (``batch_curve``: each event's live bytes are affine in
-    batch where every tensor's size is).
+    Two traces of one setting at two batch sizes whose digests agree ran the same ops in the
+    same order, so their lists pair up event by event (``batch_curve``: each event's live
+    bytes are affine in batch where every tensor's size is).
     """
     delta = [0] * (tracker.seq + 2)
-    allocs = [False] * (tracker.seq + 2)
+    ops: list[str | None] = [None] * (tracker.seq + 2)
     for block in tracker.blocks:
         delta[block.alloc_seq] += block.nbytes
-        allocs[block.alloc_seq] = True
+        ops[block.alloc_seq] = block.op
         if block.free_seq is not None:
             delta[block.free_seq] -= block.nbytes
     marks = sorted((seq, f"{step}:{Phase(phase).value}") for seq, phase, step in tracker.phase_marks)
     lives: dict[str, list[int]] = {}
+    digests: dict[str, Any] = {}
     name, live, m = "0:setup", 0, 0
     for seq in range(1, tracker.seq + 1):
         while m < len(marks) and marks[m][0] < seq:
             name = marks[m][1]
             m += 1
         live += delta[seq]
-        if allocs[seq]:
+        if ops[seq] is not None:
             lives.setdefault(name, []).append(live)
-    return lives
+            digest = digests.get(name)
+            if digest is None:
+                digest = digests[name] = hashlib.blake2b(digest_size=8)
+            digest.update(f"{ops[seq]};".encode())
+    return lives, {n: d.hexdigest() for n, d in digests.items()}
+
+
+def stretch_lives(tracker: MemoryTracker) -> dict[str, list[int]]:
+    """Live bytes after each allocation, per stretch (``stretch_events``)."""
+    return stretch_events(tracker)[0]
 
 
 def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
@@ -404,13 +415,14 @@ def _estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
         reserved = calibration.reserved(model.allocated(traced, tracker.uses_blas), model)
     breakdown.reserved_bytes = reserved if model.kind == "cuda" else None
     layers = _layer_rows(tracker.modules) if per_layer else []
-    lives = stretch_lives(tracker)
+    lives, ops = stretch_events(tracker)
     return MemoryEstimate(
         candidate=candidate, breakdown=breakdown, device_kind=model.kind,
         allocated_bytes=model.allocated(traced, tracker.uses_blas), reserved_bytes=reserved,
         trace_time_s=seconds, param_count=params, layers=layers, uses_blas=tracker.uses_blas,
         segment_peaks={k: max(v) + residual for k, v in lives.items()},
         stretch_lives={k: [x + residual for x in v] for k, v in lives.items()},
+        stretch_ops=ops,
         misreporting=known_misreporting(tracker.op_log, spec, model.kind),
     )
 

@@ -168,7 +168,8 @@ def _confirm_by_traces(search: Search, setting: Setting, pinner: BatchPinner, ba
     search.say(f"batch {batch} ran out of memory although two traces paired event by event "
                f"planned it: traced to the boundary, predicted {fresh.batch_size} "
                f"({fresh.traces} traces)", note=True)
-    if pinner.next is None or not fresh.batch_size or fresh.batch_size >= batch:
+    if pinner.next is None or not fresh.batch_size or fresh.batch_size >= batch \
+            or pinner.capacity is not None:  # the device held less: the pinner aims at that
         return
     if pinner.best_fit is None or fresh.batch_size > pinner.best_fit:
         pinner.aim(fresh.batch_size)
@@ -286,7 +287,6 @@ def _time_setting(search: Search, setting: Setting, asked: Any) -> TrialRecord |
                                    pinner.predicted_peak(batch), asked=asked)
         asked, purpose = None, Purpose.REFINE
         pinner.observe(batch, record.result)
-        _confirm_by_traces(search, setting, pinner, batch, record.result)
         _say_capacity(search, pinner)
         if record.result.fits:
             search.summaries[setting].measured_batch_size = batch

@@ -78,13 +78,13 @@ def predict_settings(spec: ExperimentSpec, plan: Plan, settings: list[Setting],
 def trials_confirm(spec: ExperimentSpec, plan: Plan, settings: list[Setting]) -> bool:
     """Whether the first real trials stand in for the prediction's confirming trace.
 
-    A max-batch search of one setting on a CPU device model, in one process: its next step
-    is the trial at the predicted batch and the one above it, which prove the boundary, so
-    the trace above it (on a CPU about as long as such a trial) would only repeat them. The
-    prediction then comes from two traces paired event by event (``batch_curve``), and a
-    first trial that runs out of memory has it pinned by traces (``searches.pin_setting``).
-    Not with several settings (ranked on their predictions), ranks, or CUDA (a trial costs
-    far more than a trace there)."""
+    A max-batch search of one setting on a CPU device model, without ranks (``tune`` and
+    ``tune --workers`` alike): its next step is the trial at the predicted batch and the one
+    above it, which prove the boundary, so the trace above it (on a CPU about as long as such
+    a trial) would only repeat them. The prediction then comes from two traces paired event
+    by event (``batch_curve``), and a trial at or below it that runs out of memory has it
+    pinned by traces (``searches.pin_setting``). Not with several settings (ranked on their
+    predictions), ranks, or CUDA (a trial costs far more than a trace there)."""
     return (len(settings) == 1 and spec.search.objective == Objective.MAX_BATCH
             and plan.device_model.kind == "cpu" and spec.parallel.strategies == ("none",))
 
