@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 from landscape import Landscape, make_raw, make_spec
+from test_profile import GPT_RAW
 from test_tune import true_max
 
 from autofit.candidate import Candidate, Setting
@@ -23,15 +24,7 @@ from autofit.search.tuner import run_search as tune
 from autofit.search.tuner import trials_confirm
 from autofit.spec import spec_from_dict
 
-GPT = {
-    "name": "events-gpt",
-    "model": {"_target_": "autofit.zoo.gpt", "n_layer": 2, "n_embd": 64, "n_head": 2,
-              "vocab_size": 64, "block_size": 32},
-    "data": {"kind": "tokens", "vocab_size": 64, "seq_len": 32},
-    "device": "cpu",
-    "memory": {"budget": "16MiB", "margin": 0.10},
-    "search": {"batch_size": {"min": 1, "max": 4096}},
-}
+GPT = GPT_RAW  # the profile tests' small decoder
 
 
 @pytest.mark.parametrize("raw, limit_mib", [(None, 3), (None, 1), (GPT, 8), (GPT, 24)])
