@@ -59,6 +59,7 @@ ratios are after / before. The load average is printed with every table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -66,7 +67,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIGS = ["quickstart_cpu", "resnet_resolution", "gpt_seqlen"]
@@ -249,59 +252,34 @@ def cli_tune() -> None:
     print(f"\nwarm tune: {hits[-1].strip() if hits else 'no cache line'}; load {load()}")
 
 
-def own_verification():  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def switched(module: str, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` set to ``value`` inside the block, restored after it."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    saved = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        setattr(mod, name, saved)
+
+
+def own_verification() -> contextlib.AbstractContextManager[None]:
     """A context: the CPU budget's verification runs as its own trial (no reuse)."""
-    import contextlib
-
-    import autofit.search.searches as searches
-
-    @contextlib.contextmanager
-    def off():  # type: ignore[no-untyped-def]
-        reuse = searches.reusable_verification
-        searches.reusable_verification = lambda *a, **k: ""
-        try:
-            yield
-        finally:
-            searches.reusable_verification = reuse
-
-    return off()
+    return switched("autofit.search.searches", "reusable_verification", lambda *a, **k: "")
 
 
-def serial_calibration():  # type: ignore[no-untyped-def]
+def serial_calibration() -> contextlib.AbstractContextManager[None]:
     """A context: the probe calibration traces after its trial, not beside it."""
-    import contextlib
-
-    import autofit.search.tuner as tuner
-
-    @contextlib.contextmanager
-    def off():  # type: ignore[no-untyped-def]
-        beside = tuner.out_of_process
-        tuner.out_of_process = lambda runner: False
-        try:
-            yield
-        finally:
-            tuner.out_of_process = beside
-
-    return off()
+    return switched("autofit.search.tuner", "out_of_process", lambda runner: False)
 
 
-def confirming_trace():  # type: ignore[no-untyped-def]
+def confirming_trace() -> contextlib.AbstractContextManager[None]:
     """A context: a single-setting tune confirms its prediction with a third trace, as
     ``estimate`` does (what tune did before two traces paired event by event sufficed)."""
-    import contextlib
-
-    import autofit.search.tuner as tuner
-
-    @contextlib.contextmanager
-    def on():  # type: ignore[no-untyped-def]
-        paired = tuner.trials_confirm
-        tuner.trials_confirm = lambda *a, **k: False
-        try:
-            yield
-        finally:
-            tuner.trials_confirm = paired
-
-    return on()
+    return switched("autofit.search.tuner", "trials_confirm", lambda *a, **k: False)
 
 
 def timed_trials(into: list[dict]):  # type: ignore[no-untyped-def]
@@ -499,7 +477,6 @@ def three_axis_before_after() -> None:
 
     three_axis = fresh(T.three_axis)
 
-    import autofit.predict.batch_curve as bc
     from autofit.predict.cache import TraceCache
     from autofit.predict.cache import using as using_cache
 
@@ -509,13 +486,9 @@ def three_axis_before_after() -> None:
     print(f"\n## 3-axis search (bench_tune: 27 settings), load {load()}\n")
     print("| run | wall s | predictions s | trials | best |\n|---|---|---|---|---|")
     rows = {}
-    pin = bc._pin_by_segments
-    bc._pin_by_segments = lambda *a, **k: None
-    try:
-        with own_verification():
-            rows[BEFORE_3AXIS] = three_axis(quiet)
-    finally:
-        bc._pin_by_segments = pin
+    with switched("autofit.predict.batch_curve", "_pin_by_segments", lambda *a, **k: None), \
+            own_verification():
+        rows[BEFORE_3AXIS] = three_axis(quiet)
     with tempfile.TemporaryDirectory() as tmp, using_cache(TraceCache(Path(tmp))):
         rows["cold (empty cache)"] = three_axis(quiet)
         rows["warm (same cache)"] = three_axis(quiet)

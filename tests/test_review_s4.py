@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
+from test_cli import TINY as CLI_TINY
+from test_cli import write
 from typer.testing import CliRunner
 
 from autofit.cli import app
@@ -17,21 +19,7 @@ from autofit.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-TINY = {
-    "name": "tiny",
-    "model": {"_target_": "autofit.zoo.mlp", "in_features": 32, "hidden": 32, "depth": 2,
-              "out_features": 4},
-    "data": {"kind": "tensor", "shape": [32], "num_classes": 4},
-    "device": "cpu",
-    "memory": {"budget": "1MiB", "margin": 0.1},
-    "search": {"batch_size": {"min": 1, "max": 4096}, "steps_per_trial": 1, "verify_steps": 2},
-}
-
-
-def write(tmp_path: Path, raw: dict | str, name: str = "exp.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
-    return path
+TINY = {k: v for k, v in CLI_TINY.items() if k not in ("targets", "output")}
 
 
 def _console() -> tuple[Console, io.StringIO]:

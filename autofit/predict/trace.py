@@ -167,14 +167,9 @@ def stretch_events(tracker: MemoryTracker) -> tuple[dict[str, list[int]], dict[s
     return lives, {n: d.hexdigest() for n, d in digests.items()}
 
 
-def stretch_lives(tracker: MemoryTracker) -> dict[str, list[int]]:
-    """Live bytes after each allocation, per stretch (``stretch_events``)."""
-    return stretch_events(tracker)[0]
-
-
 def segment_peaks(tracker: MemoryTracker) -> dict[str, int]:
     """Peak live bytes of each ``"<step>:<phase>"`` stretch of a finished trace."""
-    return {name: max(values) for name, values in stretch_lives(tracker).items()}
+    return {name: max(values) for name, values in stretch_events(tracker)[0].items()}
 
 
 def estimate(spec: ExperimentSpec, candidate: Candidate, model: DeviceModel, *,
